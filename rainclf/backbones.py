@@ -1,0 +1,185 @@
+"""Backbone registry: a plain dict from name to builder, and the frozen-backbone interface.
+
+A backbone turns decoded RGB images into one float32 vector each for a named *feature*
+(``vision`` or ``answer``). Builders are cheap: they read configs and compute the fingerprint,
+but load weights only on the first ``embed`` call, so a run whose embeddings are all cached
+never loads the model.
+
+    glm4v-tiny                 the committed random-weight GLM-4V in models/glm4v-tiny
+    PATH or HUB_ID             any GLM-4V-family checkpoint (glm4v, glm46v, glm4v_moe)
+    timm:NAME                  a timm image model (vision feature only)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+FEATURES = ("vision", "answer")
+DEFAULT_PROMPT = "根据图片判断：会下雨还是不会下雨？"
+TINY_NAME = "glm4v-tiny"
+
+
+class BackboneError(RuntimeError):
+    """A backbone cannot be found, loaded or used as asked (one-line message with the fix)."""
+
+
+@dataclass
+class BackboneOptions:
+    """How to build a backbone; everything here is a user choice, nothing is fitted."""
+
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    image_size: int | None = None   # None: the backbone's default
+    weights: str | None = None      # timm: a local safetensors checkpoint
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class Backbone:
+    """Frozen feature extractor. Subclasses set the attributes and implement ``_embed``."""
+
+    name: str                 # what the user typed (registry name, path or hub id)
+    kind: str                 # "glm4v" | "timm" | "chatglm"
+    fingerprint: str          # sha256 hex: id + config + weights (or revision)
+    random_weights: bool
+    image_size: int
+    features: tuple[str, ...]
+
+    def dim(self, feature: str) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """JSON-able identity, stored in model directories and cache namespaces."""
+        return {"name": self.name, "kind": self.kind, "fingerprint": self.fingerprint,
+                "random_weights": self.random_weights, "image_size": self.image_size}
+
+    def check_feature(self, feature: str, layer: int | None) -> None:
+        if feature not in self.features:
+            raise BackboneError(f"backbone {self.name!r} has no {feature!r} feature "
+                                f"(it has: {', '.join(self.features)})")
+
+    def embed(self, images: Sequence, feature: str = "vision", layer: int = -1,
+              prompt: str = DEFAULT_PROMPT):
+        """(N, D) float32 numpy array for N decoded RGB PIL images."""
+        self.check_feature(feature, layer)
+        if not images:
+            import numpy as np
+            return np.zeros((0, self.dim(feature)), dtype=np.float32)
+        return self._embed(list(images), feature, layer, prompt)
+
+    def _embed(self, images, feature, layer, prompt):
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- device
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackboneError("--device cuda was asked for but torch sees no CUDA GPU "
+                            "(use --device cpu, or install a CUDA build of torch)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise BackboneError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def _file_sha256(path: Path, memo_dir: Path | None) -> str:
+    """sha256 of a (possibly multi-GB) weight file, memoised by (path, size, mtime)."""
+    st = path.stat()
+    memo_key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    memo = memo_dir / "file-sha256" / memo_key if memo_dir else None
+    if memo is not None and memo.is_file():
+        value = memo.read_text().strip()
+        if len(value) == 64:
+            return value
+    if st.st_size > 1 << 30:
+        print(f"rainclf: hashing {path.name} ({st.st_size / 1e9:.1f} GB) once for the cache key",
+              file=sys.stderr)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    value = h.hexdigest()
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(value)
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # a read-only cache only costs a re-hash next time
+    return value
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def directory_fingerprint(model_dir: Path, identity: str, memo_dir: Path | None = None,
+                          revision: str | None = None) -> str:
+    """Fingerprint of a model directory: identity + config.json + weights (hash or revision)."""
+    h = hashlib.sha256()
+    h.update(identity.encode())
+    cfg = model_dir / "config.json"
+    if cfg.is_file():
+        # canonical JSON, so a re-saved but identical config keeps its fingerprint
+        h.update(json.dumps(json.loads(cfg.read_text(encoding="utf-8")), sort_keys=True).encode())
+    if revision:
+        h.update(f"revision:{revision}".encode())
+    else:
+        for p in sorted(model_dir.iterdir()):
+            if p.is_file() and p.suffix in WEIGHT_SUFFIXES:
+                h.update(f"{p.name}:{_file_sha256(p, memo_dir)}".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- registry
+
+Builder = Callable[[str, BackboneOptions], Backbone]
+
+
+def _build_glm4v(name: str, options: BackboneOptions) -> Backbone:
+    from .glm4v import Glm4vBackbone
+    return Glm4vBackbone.from_name(name, options)
+
+
+def _build_timm(name: str, options: BackboneOptions) -> Backbone:
+    from .timm_backbone import TimmBackbone
+    return TimmBackbone(name.split(":", 1)[1], options)
+
+
+#: name (or prefix ending in ':') → builder. Anything else is a GLM-4V path or hub id.
+BACKBONES: dict[str, Builder] = {
+    TINY_NAME: _build_glm4v,
+    "timm:": _build_timm,
+}
+
+
+def create_backbone(name: str, options: BackboneOptions | None = None) -> Backbone:
+    """Build a backbone by registry name, ``timm:NAME``, local directory or hub id."""
+    options = options or BackboneOptions()
+    if not name:
+        raise BackboneError("empty --backbone: use glm4v-tiny, timm:NAME, a directory or a hub id")
+    builder = BACKBONES.get(name)
+    if builder is None:
+        prefix = name.split(":", 1)[0] + ":" if ":" in name else None
+        builder = BACKBONES.get(prefix, _build_glm4v) if prefix else _build_glm4v
+    return builder(name, options)
+
+
+def default_cache_dir() -> Path:
+    """$RAINCLF_CACHE_DIR, else $XDG_CACHE_HOME/rainclf, else ~/.cache/rainclf."""
+    env = os.environ.get("RAINCLF_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rainclf"

@@ -1,0 +1,254 @@
+"""The ``rainclf`` command line: one click group, each command parses options, calls one library
+function (the same one the tests call) and prints.
+
+Exit status (all commands):
+  0  success (predict: at least one image was predicted)
+  1  the job ran but produced nothing usable (predict: no image could be predicted)
+  2  bad usage or bad input: unknown option, missing/empty folder, bad data file, model directory
+     that does not fit the backbone, … — one line on stderr says what and how to fix it
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+EXIT_NOTHING = 1
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    click.echo(f"rainclf: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _user_errors():
+    """Exception types that mean 'the user's input is wrong' (→ one line, exit 2)."""
+    from .backbones import BackboneError
+    from .data import DataError
+    from .images import ImageError
+    from .model_dir import ModelDirError
+
+    return (BackboneError, DataError, ImageError, ModelDirError, FileExistsError, ValueError)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _user_errors() as e:
+            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except KeyboardInterrupt:
+            _fail("interrupted (nothing half-written was left behind)", 130)
+
+
+def _cache_dir(no_cache: bool, cache_dir: str | None):
+    from .backbones import default_cache_dir
+
+    return None if no_cache else (Path(cache_dir) if cache_dir else default_cache_dir())
+
+
+def parse_band(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--band {text!r}: expected LO,HI such as 0.35,0.65") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"--band {text!r}: need 0 <= LO <= HI <= 1")
+    return lo, hi
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet
+
+
+common_run = [
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+                 help="Images per forward pass."),
+    click.option("--cache-dir", type=click.Path(file_okay=False),
+                 help="Embedding cache folder [default: $RAINCLF_CACHE_DIR or ~/.cache/rainclf]."),
+    click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines."),
+]
+
+
+def _apply(options):
+    def deco(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+    return deco
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rainclf")
+def main():
+    """rainclf: tell 会下雨 (will rain) from 不会下雨 (won't rain) in sky photos.
+
+    A classification head on frozen GLM-4V embeddings: it can only answer one of the two labels.
+
+    \b
+      rainclf fit DATA -o MODEL_DIR          train a head (DATA: class folders, GLM-4 JSONL, CSV)
+      rainclf predict PHOTOS/ --model DIR    one row per image: path,label,p_rain,source,error
+      rainclf embed DATA -o vectors.safetensors
+
+    The default backbone glm4v-tiny has RANDOM weights (offline demo and tests); pass a real
+    GLM-4V checkpoint with --backbone /path/to/GLM-4.1V-9B-Thinking for real accuracy.
+    """
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Model directory to write (atomically).")
+@click.option("--backbone", default="glm4v-tiny", show_default=True,
+              help="glm4v-tiny, timm:NAME, a GLM-4V directory or a hub id.")
+@click.option("--feature", type=click.Choice(["vision", "answer"]), default="vision", show_default=True,
+              help="vision: pooled vision tower; answer: LLM hidden state after image + question.")
+@click.option("--layer", default=-1, show_default=True, type=int,
+              help="answer feature: hidden-state index (0 = embeddings, -1 = last).")
+@click.option("--prompt", default=None, help="answer feature: the question [default: 根据图片判断：会下雨还是不会下雨？].")
+@click.option("--head", type=click.Choice(["linear", "lora", "generative"]), default="linear", show_default=True)
+@click.option("--val-split", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Fraction held out (stratified) for validation metrics.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--image-size", type=int, help="Square input size in pixels [default: the backbone's].")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+              help="timm backbones: local .safetensors checkpoint (random weights otherwise).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that ship Python code (off by default).")
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Reweight classes (linear head).")
+@click.option("--C", "C", type=float, default=None, help="Linear head: inverse regularisation (default: by CV).")
+@click.option("--threshold-from-val", is_flag=True, help="Pick the threshold maximising validation balanced accuracy.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--lora-r", default=8, show_default=True, type=click.IntRange(min=1), help="LoRA rank (lora/generative heads).")
+@click.option("--lora-alpha", default=32, show_default=True, type=int, help="LoRA alpha.")
+@click.option("--lora-dropout", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
+              help="Comma-separated module names of the language model that get LoRA.")
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimizer steps (lora/generative).")
+@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="AdamW learning rate.")
+@click.option("--train-batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Gradient accumulation steps.")
+@click.option("--eval-every", default=20, show_default=True, type=click.IntRange(min=1), help="Validate every N steps.")
+@click.option("--patience", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Early stopping: validations without improvement.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32", "fp16"]), default="auto", show_default=True,
+              help="Training precision: auto = bf16 on CUDA, fp32 on CPU. fp16 is refused without --force-fp16.")
+@click.option("--force-fp16", is_flag=True, help="Train in fp16 despite the overflow / mixed-language risk.")
+@_apply(common_run)
+def fit(data, out_dir, backbone, feature, layer, prompt, head, val_split, seed, image_size, weights,
+        trust_remote_code, class_weight, C, threshold_from_val, overwrite, lora_r, lora_alpha, lora_dropout,
+        lora_targets, steps, lr, train_batch_size, grad_accum, eval_every, patience, precision, force_fp16,
+        device, batch_size, cache_dir, no_cache, quiet):
+    """Train a classifier on labelled DATA and save it to a model directory.
+
+    DATA is a folder with 会下雨/不会下雨 (or rain/no_rain) subfolders, a GLM-4 fine-tuning JSONL,
+    an ms-swift JSONL, or a CSV with label + path/image/file columns.
+    """
+    from .backbones import DEFAULT_PROMPT
+    from .fit import FitOptions, fit as fit_model
+
+    opts = FitOptions(backbone=backbone, feature=feature, layer=layer, prompt=prompt or DEFAULT_PROMPT,
+                      head=head, val_split=val_split, seed=seed, batch_size=batch_size, device=device,
+                      image_size=image_size, weights=weights, trust_remote_code=trust_remote_code,
+                      cache_dir=_cache_dir(no_cache, cache_dir), class_weight=class_weight, C=C,
+                      threshold_from_val=threshold_from_val, overwrite=overwrite, progress=_progress(quiet),
+                      head_params=dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                       lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
+                                       steps=steps, lr=lr, train_batch_size=train_batch_size,
+                                       grad_accum=grad_accum, eval_every=eval_every, patience=patience,
+                                       precision=precision, force_fp16=force_fp16))
+    result = fit_model(data, out_dir, opts)
+    val = result.metrics.get("validation") or {}
+    parts = [f"{k} {val[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "f1", "roc_auc")
+             if isinstance(val.get(k), float)]
+    click.echo(f"saved {result.model_dir} ({result.config.head} head, {result.metrics.get('n_train')} train, "
+               f"{result.metrics.get('n_val')} val)" + (": validation " + ", ".join(parts) if parts else ""))
+    if result.config.backbone.get("random_weights"):
+        click.echo("note: the backbone has RANDOM weights — these numbers measure colour statistics, "
+                   "not GLM-4V quality", err=True)
+
+
+@main.command()
+@click.argument("inputs", type=click.Path())
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Model directory from `rainclf fit`.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write rows to a .csv or .jsonl file (atomically); CSV to stdout otherwise.")
+@click.option("--backbone", default=None, help="Backbone location if it moved (must be the same weights).")
+@click.option("--engine", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="onnx: run the exported graph (rainclf export) on onnxruntime, GPU if available.")
+@click.option("--decoding", type=click.Choice(["greedy", "sample", "constrained"]), default="greedy",
+              show_default=True, help="Generative model directories: how answers are decoded.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="--decoding sample only.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="--decoding sample only.")
+@click.option("--seed", default=0, show_default=True, type=int, help="--decoding sample only.")
+@click.option("--fallback", type=click.Path(), default=None,
+              help="Generative model directory asked about images the head is unsure of (see --band).")
+@click.option("--band", default="0.35,0.65", show_default=True,
+              help="LO,HI: head p_rain inside [LO, HI] goes to --fallback.")
+@click.option("--fallback-decoding", type=click.Choice(["greedy", "sample", "constrained"]),
+              default="constrained", show_default=True)
+@_apply(common_run)
+def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, top_p, seed, fallback,
+            band, fallback_decoding, device, batch_size, cache_dir, no_cache, quiet):
+    """Label every image under INPUTS (a folder, searched recursively, or one file).
+
+    Finds .jpg .jpeg .png .webp .bmp (any case). A file that cannot be read becomes a row with an
+    error and no label; the others are still predicted. Exit status 0 when at least one image was
+    predicted, 1 when none could be, 2 on bad usage or input (see `rainclf --help`).
+    """
+    from .classifier import RunOptions
+    from .predict import format_rows, predict as run_predict
+
+    opts = RunOptions(device=device, batch_size=batch_size, cache_dir=_cache_dir(no_cache, cache_dir),
+                      progress=_progress(quiet), backbone=backbone, engine=engine, decoding=decoding,
+                      temperature=temperature, top_p=top_p, seed=seed)
+    run = run_predict(inputs, model_dir, opts, output=output, fallback=fallback,
+                      band=parse_band(band), fallback_decoding=fallback_decoding)
+    if output is None:
+        click.echo(format_rows(run.rows, "csv"), nl=False)
+    for r in run.rows:
+        if r.error and not quiet:
+            click.echo(f"rainclf: skipped {r.error}", err=True)
+    for note in run.summary.notes:
+        click.echo(f"rainclf: {note}", err=True)
+    click.echo(run.summary.line() + (f" → {output}" if output else ""), err=True)
+    if run.summary.predicted == 0:
+        _fail("no image could be predicted", EXIT_NOTHING)
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help="safetensors file: embeddings (N, D), labels (N,) when DATA is labelled; paths in metadata.")
+@click.option("--backbone", default="glm4v-tiny", show_default=True)
+@click.option("--feature", type=click.Choice(["vision", "answer"]), default="vision", show_default=True)
+@click.option("--layer", default=-1, show_default=True, type=int)
+@click.option("--prompt", default=None)
+@click.option("--image-size", type=int)
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False))
+@click.option("--trust-remote-code", is_flag=True)
+@_apply(common_run)
+def embed(data, out_file, backbone, feature, layer, prompt, image_size, weights, trust_remote_code,
+          device, batch_size, cache_dir, no_cache, quiet):
+    """Write the embeddings of DATA (a labelled dataset or a folder of images) to a safetensors file."""
+    from .backbones import DEFAULT_PROMPT, BackboneOptions
+    from .embed_file import embed_to_file
+
+    result = embed_to_file(data, out_file, backbone, BackboneOptions(
+        device=device, image_size=image_size, weights=weights, trust_remote_code=trust_remote_code),
+        feature=feature, layer=layer, prompt=prompt or DEFAULT_PROMPT, batch_size=batch_size,
+        cache_dir=_cache_dir(no_cache, cache_dir), progress=_progress(quiet))
+    click.echo(f"wrote {out_file}: {result['n']} × {result['dim']} ({result['errors']} skipped)"
+               + (" — RANDOM-weight backbone" if result["random_weights"] else ""))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

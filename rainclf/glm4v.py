@@ -1,0 +1,253 @@
+"""GLM-4V-family backbone through transformers' own classes (AutoProcessor +
+AutoModelForImageTextToText): GLM-4.1V-9B (``glm4v``), GLM-4.6V-Flash (``glm46v``),
+GLM-4.5V / GLM-4.6V (``glm4v_moe``), from a local directory or a hub id, and the committed
+random-weight ``glm4v-tiny``, which goes through exactly the same ``from_pretrained`` path.
+
+Features (both frozen, ``torch.inference_mode``):
+  vision  the vision tower's merged tokens for one image, mean-pooled → (out_hidden,)
+  answer  the language model's hidden state at the last prompt position for the chat
+          "image + question" with thinking switched off → (hidden,). ``layer`` indexes
+          ``hidden_states`` (0 = embeddings, N = last = final norm, negatives allowed); an
+          intermediate layer stops the forward there (early exit), it does not run the rest.
+
+Every image is resized to a fixed ``image_size`` square first (bicubic), so every image gives the
+same number of tokens, batches need no padding, and batch size never changes a vector.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .backbones import (DEFAULT_PROMPT, TINY_NAME, Backbone, BackboneError, BackboneOptions,
+                        default_cache_dir, directory_fingerprint, resolve_device)
+
+SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v", "glm4v_moe")
+REMOTE_CODE_MODEL_TYPES = ("chatglm",)  # THUDM/glm-4v-9b: ChatGLM remote code
+RANDOM_MARKER = "RAINCLF_RANDOM_WEIGHTS"
+
+
+def tiny_model_dir() -> Path:
+    """Where the committed glm4v-tiny lives: the source tree, or the installed data files."""
+    candidates = [Path(__file__).resolve().parents[1] / "models" / TINY_NAME,
+                  Path(sys.prefix) / "share" / "rainclf" / "models" / TINY_NAME]
+    if os.environ.get("RAINCLF_MODELS_DIR"):
+        candidates.insert(0, Path(os.environ["RAINCLF_MODELS_DIR"]) / TINY_NAME)
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c
+    raise BackboneError(f"{TINY_NAME} not found (looked in {', '.join(map(str, candidates))}); "
+                        "regenerate it with: python tools/make_tiny_glm4v.py")
+
+
+def _is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model_dir(name: str) -> tuple[Path, str | None]:
+    """(local directory, hub revision or None) for a registry name, directory or hub id."""
+    if name == TINY_NAME:
+        return tiny_model_dir(), None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"{path} has no config.json: point --backbone at a transformers "
+                                "model directory (the folder holding config.json and *.safetensors)")
+        return path, None
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise BackboneError(f"backbone {name!r} is neither a directory nor a hub id (org/name) "
+                            f"nor a registered name ({TINY_NAME}, timm:NAME)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.py"]
+    try:
+        local = snapshot_download(name, local_files_only=True, allow_patterns=patterns)
+    except Exception:
+        local = None
+    if local is None and not _is_offline():
+        try:
+            local = snapshot_download(name, allow_patterns=patterns)
+        except Exception as e:  # network down, gated repo, unknown id
+            raise BackboneError(f"could not download {name!r} ({type(e).__name__}); download it on a "
+                                "connected machine and pass the directory: --backbone /path/to/model") from None
+    if local is None:
+        raise BackboneError(f"model {name!r} is not available locally (offline and not in the Hugging "
+                            "Face cache): pass its directory instead, e.g. --backbone /models/GLM-4.1V-9B-Thinking")
+    return Path(local), Path(local).name  # snapshot folder name = commit revision
+
+
+class Glm4vBackbone(Backbone):
+    kind = "glm4v"
+    features = ("vision", "answer")
+
+    @classmethod
+    def from_name(cls, name: str, options: BackboneOptions) -> "Glm4vBackbone":
+        model_dir, revision = resolve_model_dir(name)
+        return cls(name, model_dir, revision, options)
+
+    def __init__(self, name: str, model_dir: Path, revision: str | None, options: BackboneOptions):
+        self.name, self.model_dir, self.options = name, Path(model_dir), options
+        config = json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
+        model_type = config.get("model_type")
+        if model_type in REMOTE_CODE_MODEL_TYPES:
+            if not options.trust_remote_code:
+                raise BackboneError(
+                    f"{name} is the original ChatGLM glm-4v-9b, which runs Python code shipped with the "
+                    "checkpoint (trust_remote_code); rainclf does not execute downloaded code unless you "
+                    "pass --trust-remote-code. Prefer GLM-4.1V/4.5V/4.6V, which transformers supports natively")
+            raise BackboneError(
+                f"{name}: ChatGLM remote-code models (glm-4v-9b) are refused even with "
+                "--trust-remote-code for now: their vision API differs; use a GLM-4.1V/4.5V/4.6V checkpoint")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise BackboneError(f"{self.model_dir}: model_type {model_type!r} is not a GLM-4V-family "
+                                f"model (expected one of {', '.join(SUPPORTED_MODEL_TYPES)})")
+        text, vision = config.get("text_config", {}), config.get("vision_config", {})
+        self.model_type = model_type
+        self.hidden_size = int(text["hidden_size"])
+        self.num_layers = int(text["num_hidden_layers"])
+        self.vision_dim = int(vision.get("out_hidden_size", self.hidden_size))
+        self.factor = int(vision.get("patch_size", 14)) * int(vision.get("spatial_merge_size", 2))
+        self.image_size = int(options.image_size or vision.get("image_size", 336))
+        if self.image_size % self.factor or self.image_size <= 0:
+            raise BackboneError(f"--image-size {self.image_size} must be a positive multiple of "
+                                f"{self.factor} (patch size × spatial merge) for {name}")
+        self.random_weights = (self.model_dir / RANDOM_MARKER).is_file()
+        self.fingerprint = directory_fingerprint(self.model_dir, f"glm4v:{model_type}",
+                                                 memo_dir=default_cache_dir(), revision=revision)
+        self._model = self._processor = None
+        self.device = None
+
+    def dim(self, feature: str) -> int:
+        return self.vision_dim if feature == "vision" else self.hidden_size
+
+    def check_feature(self, feature: str, layer: int | None) -> None:
+        super().check_feature(feature, layer)
+        if feature == "answer" and layer is not None and not -(self.num_layers + 1) <= layer <= self.num_layers:
+            raise BackboneError(f"--layer {layer} is out of range for {self.name}: it has "
+                                f"{self.num_layers} layers (use {-(self.num_layers + 1)}..{self.num_layers})")
+
+    # ------------------------------------------------------------------ loading
+    def load(self):
+        """(model, processor), loaded once: bf16 on CUDA, fp32 on CPU, frozen, eval mode."""
+        if self._model is None:
+            import torch
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # rainclf shows its own progress
+            self.device = resolve_device(self.options.device)
+            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+            kwargs = dict(local_files_only=True, trust_remote_code=False)
+            try:
+                processor = AutoProcessor.from_pretrained(self.model_dir, **kwargs)
+                model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype, **kwargs)
+            except (OSError, ValueError) as e:
+                raise BackboneError(f"cannot load GLM-4V from {self.model_dir}: "
+                                    f"{str(e).splitlines()[0]}") from None
+            model.to(self.device).eval().requires_grad_(False)
+            self._model, self._processor = model, processor
+        return self._model, self._processor
+
+    @property
+    def language_model(self):
+        return self.load()[0].model.language_model
+
+    # ------------------------------------------------------------------ inputs
+    def prepare_images(self, images):
+        from PIL import Image
+
+        s = self.image_size
+        return [im if im.size == (s, s) else im.resize((s, s), Image.BICUBIC) for im in images]
+
+    def _size_kwargs(self) -> dict:
+        # pixel bounds count the temporal patch (a still image is 2 frames): exactly s×s passes
+        s = self.image_size
+        return {"size": {"shortest_edge": s * s, "longest_edge": 2 * s * s}}
+
+    def chat_text(self, prompt: str = DEFAULT_PROMPT, answer: str | None = None) -> str:
+        """The chat prompt for image + question, thinking off; with ``answer``, the full turn."""
+        _, processor = self.load()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             enable_thinking=False)
+        tokenizer = processor.tokenizer
+        # Thinking variants whose template ignores enable_thinking still get an empty think block.
+        if "</think>" in tokenizer.get_vocab() and not text.rstrip().endswith("</think>"):
+            text = text + "<think></think>"
+        if answer is not None:
+            text = text + answer + (tokenizer.eos_token or "")
+        return text
+
+    def vision_inputs(self, images):
+        _, processor = self.load()
+        out = processor.image_processor(images=self.prepare_images(images), return_tensors="pt",
+                                        **self._size_kwargs())
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def chat_inputs(self, images, prompt: str = DEFAULT_PROMPT, answers=None):
+        """Processor output for a batch of chats (prompt only, or prompt + answer + EOS)."""
+        _, processor = self.load()
+        texts = [self.chat_text(prompt, None if answers is None else a)
+                 for a in (answers if answers is not None else [None] * len(images))]
+        out = processor(text=texts, images=self.prepare_images(images), return_tensors="pt",
+                        padding=True, images_kwargs=self._size_kwargs())
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ features
+    def vision_features(self, inputs):
+        """Mean of each image's merged vision tokens → (N, out_hidden) tensor."""
+        import torch
+
+        model, _ = self.load()
+        out = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                             image_grid_thw=inputs["image_grid_thw"])
+        return torch.stack([t.float().mean(dim=0) for t in out.pooler_output])
+
+    def answer_hidden(self, inputs, layer: int = -1, model=None):
+        """Hidden state at the last prompt position → (N, hidden) tensor. ``model`` lets a
+        LoRA-wrapped copy be used; an intermediate ``layer`` stops the forward there."""
+        model = model if model is not None else self.load()[0]
+        n = self.num_layers
+        k = layer % (n + 1)
+        if k == n:
+            out = model.model(**inputs)
+            return out.last_hidden_state[:, -1, :].float()
+        layers = _find_decoder_layers(model)
+        captured = {}
+
+        def stop(module, args, kwargs):
+            captured["h"] = args[0] if args else kwargs["hidden_states"]
+            raise _EarlyExit
+
+        handle = layers[k].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            model.model(**inputs)
+        except _EarlyExit:
+            pass
+        finally:
+            handle.remove()
+        return captured["h"][:, -1, :].float()
+
+    def _embed(self, images, feature, layer, prompt):
+        import torch
+
+        with torch.inference_mode():
+            if feature == "vision":
+                vec = self.vision_features(self.vision_inputs(images))
+            else:
+                vec = self.answer_hidden(self.chat_inputs(images, prompt), layer)
+        return vec.float().cpu().numpy()
+
+
+class _EarlyExit(Exception):
+    """Raised by a forward pre-hook to stop the language model at a chosen layer."""
+
+
+def _find_decoder_layers(model):
+    """The language model's decoder layers, through a peft wrapper if there is one."""
+    for name, module in model.named_modules():
+        if name.endswith("language_model.layers"):
+            return module
+    raise BackboneError("could not find the language model's decoder layers in this model")

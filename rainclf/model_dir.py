@@ -1,0 +1,150 @@
+"""A saved classifier is a directory:
+
+    config.json        everything needed to reload: backbone identity and fingerprint, feature,
+                       layer, image size, prompt, labels, threshold, head type, format version
+    head.safetensors   the head's weights (linear); LoRA heads add adapter/ + score.safetensors
+    metrics.json       validation metrics measured at fit time
+    README.md          a model card a person can read
+
+It is written atomically (temporary directory, then rename) and never contains pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .labels import LABELS
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+CARD_FILE = "README.md"
+
+
+class ModelDirError(ValueError):
+    """The model directory is missing, damaged, too new, or does not fit the backbone."""
+
+
+@dataclass
+class ModelConfig:
+    head: str                          # linear | lora | generative
+    backbone: dict                     # Backbone.describe(): name, kind, fingerprint, random_weights, image_size
+    feature: str                       # vision | answer
+    layer: int = -1
+    prompt: str | None = None
+    dim: int | None = None             # embedding dimension the head expects
+    threshold: float = 0.5
+    labels: list = field(default_factory=lambda: list(LABELS))
+    head_params: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    rainclf_version: str = __version__
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def __post_init__(self):
+        if self.feature not in ("vision", "answer"):
+            raise ModelDirError(f"feature must be vision or answer, not {self.feature!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ModelDirError(f"threshold must lie in (0, 1), got {self.threshold}")
+        if list(self.labels) != list(LABELS):
+            raise ModelDirError(f"labels must be {list(LABELS)}, got {self.labels}")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.backbone["image_size"])
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = CONFIG_FILE) -> "ModelConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ModelDirError(f"{source}: not valid JSON ({e.msg}, line {e.lineno}) — the model "
+                                "directory is damaged; refit it") from None
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise ModelDirError(f"{source}: no format_version — not a rainclf model directory")
+        if version > FORMAT_VERSION:
+            raise ModelDirError(f"{source}: format version {version} was written by a newer rainclf "
+                                f"({data.get('rainclf_version')}); this is rainclf {__version__} "
+                                f"(format {FORMAT_VERSION}) — upgrade rainclf")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ModelDirError(f"{source}: unknown keys {sorted(unknown)} — written by another rainclf?")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ModelDirError(f"{source}: {e}") from None
+
+
+def read_config(model_dir: str | Path) -> ModelConfig:
+    model_dir = Path(model_dir)
+    path = model_dir / CONFIG_FILE
+    if not model_dir.is_dir():
+        raise ModelDirError(f"{model_dir}: no such model directory (make one with: rainclf fit DATA -o {model_dir})")
+    if not path.is_file():
+        raise ModelDirError(f"{model_dir} has no {CONFIG_FILE}: not a rainclf model directory")
+    return ModelConfig.from_json(path.read_text(encoding="utf-8"), str(path))
+
+
+def read_metrics(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / METRICS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def write_common_files(directory: Path, config: ModelConfig, metrics: dict) -> None:
+    """config.json, metrics.json and the model card, into an (atomic, temporary) directory."""
+    (directory / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
+    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")
+    (directory / CARD_FILE).write_text(model_card(config, metrics), encoding="utf-8")
+
+
+def check_backbone(config: ModelConfig, backbone, model_dir: str | Path) -> None:
+    """Refuse a backbone that differs from the one the head was trained on."""
+    saved = config.backbone
+    if saved.get("fingerprint") != backbone.fingerprint:
+        raise ModelDirError(
+            f"{model_dir} was trained on backbone {saved.get('name')!r} (fingerprint "
+            f"{str(saved.get('fingerprint'))[:12]}) but {backbone.name!r} has fingerprint "
+            f"{backbone.fingerprint[:12]}: its weights or config differ — use the original backbone "
+            "(--backbone PATH) or refit")
+    if int(saved.get("image_size", backbone.image_size)) != backbone.image_size:
+        raise ModelDirError(f"{model_dir} was trained at image size {saved.get('image_size')}, "
+                            f"the backbone is set to {backbone.image_size}: drop --image-size")
+
+
+def model_card(config: ModelConfig, metrics: dict) -> str:
+    b = config.backbone
+    lines = [f"# rainclf classifier ({config.head} head)", ""]
+    if b.get("random_weights"):
+        lines += ["**Backbone weights are RANDOM** (a test/demo backbone). The metrics below measure "
+                  "colour statistics of the photos, not GLM-4V quality. Do not use this model for "
+                  "decisions.", ""]
+    lines += [
+        f"- labels: {' / '.join(config.labels)} (p_rain = p({config.labels[1]}))",
+        f"- backbone: `{b.get('name')}` ({b.get('kind')}), fingerprint `{str(b.get('fingerprint'))[:16]}`",
+        f"- feature: `{config.feature}`" + (f", layer {config.layer}, prompt `{config.prompt}`"
+                                            if config.feature == "answer" else ""),
+        f"- image size: {b.get('image_size')}, embedding dim: {config.dim}",
+        f"- threshold: {config.threshold:.4f}",
+        f"- rainclf {config.rainclf_version}, format {config.format_version}, created {config.created}",
+        "",
+        "## Validation metrics",
+        "",
+    ]
+    val = metrics.get("validation") or {}
+    if not val:
+        lines.append("(no validation split)")
+    for key in ("n", "accuracy", "balanced_accuracy", "f1", "roc_auc", "ece", "brier"):
+        if key in val and val[key] is not None:
+            v = val[key]
+            lines.append(f"- {key}: {v:.4f}" if isinstance(v, float) else f"- {key}: {v}")
+    lines += ["", "Use: `rainclf predict PHOTOS/ --model THIS_DIR -o predictions.csv`", ""]
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""``rainclf predict``: a folder (or file) of images + a model directory → one row per file.
+
+Unreadable files become rows with an ``error`` and no label; the job goes on. The output
+(CSV or JSONL, chosen by the extension of ``-o``) is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .atomic import atomic_file
+from .classifier import ROW_FIELDS, Row, RunOptions, load_classifier
+from .images import describe_path, find_images
+
+
+@dataclass
+class PredictSummary:
+    images: int
+    predicted: int
+    errors: int
+    seconds: float
+    random_weights: bool
+    counts: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("inf")
+
+    def line(self) -> str:
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
+        text = (f"{self.images} images: {self.predicted} predicted ({counts}), {self.errors} errors, "
+                f"{self.seconds:.2f} s, {self.images_per_s:.1f} img/s")
+        if self.random_weights:
+            text += " — RANDOM-weight backbone: labels are meaningless"
+        return text
+
+
+@dataclass
+class PredictRun:
+    rows: list[Row]
+    summary: PredictSummary
+
+
+def open_classifier(model_dir, options: RunOptions, fallback=None, band=(0.35, 0.65),
+                    fallback_decoding: str = "constrained"):
+    """The classifier for a model directory: torch or ONNX engine, optionally with a generative
+    fallback for images whose p_rain lies inside ``band``."""
+    if options.engine == "onnx":
+        from .onnx_engine import load_onnx_classifier
+
+        clf = load_onnx_classifier(model_dir, options)
+    elif options.engine == "torch":
+        clf = load_classifier(model_dir, options)
+    else:
+        raise ValueError(f"unknown --engine {options.engine!r}: use torch or onnx")
+    if fallback is not None:
+        from dataclasses import replace
+
+        from .fallback import FallbackClassifier
+
+        gen = load_classifier(fallback, replace(options, engine="torch", decoding=fallback_decoding))
+        clf = FallbackClassifier(clf, gen, band)
+    return clf
+
+
+def predict(inputs: str | Path | Sequence[str | Path], model_dir: str | Path,
+            options: RunOptions | None = None, output: str | Path | None = None,
+            classifier=None, fallback: str | Path | None = None,
+            band: tuple[float, float] = (0.35, 0.65), fallback_decoding: str = "constrained") -> PredictRun:
+    """Predict every image under ``inputs``; write ``output`` (.csv or .jsonl) if given.
+    ``fallback``: a generative model directory asked about images with p_rain inside ``band``."""
+    options = options or RunOptions()
+    if output is not None:
+        output_format(output)  # refuse a bad -o before any work
+    start = time.perf_counter()
+    if isinstance(inputs, (str, Path)):
+        paths, problems = find_images(inputs)
+    else:
+        paths, problems = [Path(p) for p in inputs], []
+    clf = classifier or open_classifier(model_dir, options, fallback, band, fallback_decoding)
+    rows = clf.predict_paths(paths)
+    rows += [Row(path=describe_path(p), error=msg) for p, msg in problems]
+    seconds = time.perf_counter() - start
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r.label:
+            counts[r.label] = counts.get(r.label, 0) + 1
+    summary = PredictSummary(images=len(rows), predicted=sum(counts.values()),
+                             errors=sum(r.error is not None and r.label is None for r in rows),
+                             seconds=seconds, counts=counts,
+                             random_weights=bool(clf.config.backbone.get("random_weights")),
+                             notes=list(getattr(clf, "notes", [])))
+    if output is not None:
+        write_rows(rows, output)
+    return PredictRun(rows, summary)
+
+
+def row_fields(rows: Sequence[Row]) -> list[str]:
+    fields = list(ROW_FIELDS)
+    for r in rows:
+        for k in r.extra:
+            if k not in fields:
+                fields.append(k)
+    return fields
+
+
+def format_rows(rows: Sequence[Row], fmt: str) -> str:
+    """CSV (header + one line per row; empty cells for None) or JSONL text."""
+    if fmt == "jsonl":
+        return "".join(json.dumps(r.as_dict(), ensure_ascii=False) + "\n" for r in rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=row_fields(rows), lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        d = r.as_dict()
+        writer.writerow({k: ("" if d.get(k) is None else _fmt(d.get(k))) for k in writer.fieldnames})
+    return buf.getvalue()
+
+
+def _fmt(v):
+    return f"{v:.6f}" if isinstance(v, float) else v
+
+
+def output_format(output: str | Path) -> str:
+    suffix = Path(output).suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix in (".csv", ""):
+        return "csv"
+    raise ValueError(f"-o {output}: use a .csv or .jsonl file name")
+
+
+def write_rows(rows: Sequence[Row], output: str | Path) -> None:
+    text = format_rows(rows, output_format(output))
+    with atomic_file(output, newline="") as f:
+        f.write(text)
