@@ -117,10 +117,9 @@ def _from_folder(src: Path) -> list[Example]:
     label_dirs = [(e, normalise_label(e.name)) for e in dirs]
     bad = [describe_path(e.name) for e, label in label_dirs if label is None]
     if bad:
-        hint = ""
+        # e.g. shared/weather/: images/ beside train.jsonl and manifest.csv
         tables = [e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in (".jsonl", ".csv")]
-        if tables:  # e.g. shared/weather/: images/ beside train.jsonl
-            hint = f", or pass {describe_path(src / tables[0])} instead"
+        hint = f", or pass {describe_path(src / tables[0])} instead" if tables else ""
         raise DataError(f"{name}: subfolder(s) {', '.join(bad)} are not labels — name the label "
                         f"folders 会下雨 and 不会下雨 (aliases rain/no_rain){hint}")
     if not label_dirs:
@@ -151,21 +150,19 @@ def _from_folder(src: Path) -> list[Example]:
 
 
 def _from_jsonl(src: Path) -> list[Example]:
-    base = src.parent
-    return [_record_example(rec, f"{describe_path(src)}:{n}", base) for n, rec in _jsonl_records(src)]
+    return [_record_example(rec, f"{describe_path(src)}:{n}", src.parent) for n, rec in _jsonl_records(src)]
 
 
 def _from_json(src: Path) -> list[Example]:
     """A ``.json`` file holding a list of records (ms-swift allows this); JSONL named .json works."""
-    name = describe_path(src)
-    text = _read_text(src)
     try:
-        obj = json.loads(text)
+        obj = json.loads(_read_text(src))
     except json.JSONDecodeError:
         return _from_jsonl(src)  # one object per line under a .json name
-    if not isinstance(obj, list):
-        raise DataError(f"{name}: expected a JSON list of records — use one record per line in a .jsonl file")
-    return [_record_example(rec, f"{name}[{i}]", src.parent) for i, rec in enumerate(obj)]
+    if isinstance(obj, dict):
+        return _from_jsonl(src)  # a one-line JSONL: line numbers still apply
+    records = obj if isinstance(obj, list) else [obj]  # a scalar: _record_example names the problem
+    return [_record_example(rec, f"{describe_path(src)}[{i}]", src.parent) for i, rec in enumerate(records)]
 
 
 def _jsonl_records(src: Path) -> Iterator[tuple[int, Any]]:
@@ -243,12 +240,10 @@ def _messages(rec: dict, where: str) -> list[dict]:
 
 
 def _text(content: Any) -> str | None:
-    if isinstance(content, str):
-        return content
     if isinstance(content, list):  # [{"type": "text", "text": "会下雨"}]
         parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        return "".join(parts) if parts else None
-    return None
+        content = "".join(parts) if parts else None
+    return content if isinstance(content, str) else None
 
 
 def _record_label(rec: dict, where: str) -> str:
@@ -267,8 +262,7 @@ def _record_label(rec: dict, where: str) -> str:
 def _normalise(text: Any, where: str) -> str:
     label = normalise_label(text) if isinstance(text, str) else None
     if label is None:
-        shown = str(text)
-        shown = shown if len(shown) <= 40 else shown[:40] + "…"
+        shown = str(text) if len(str(text)) <= 40 else str(text)[:40] + "…"
         raise DataError(f"{where}: unknown label {shown!r} — {_LABEL_FIX}")
     return label
 

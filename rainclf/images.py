@@ -182,7 +182,7 @@ def _open_formats() -> tuple[str, ...]:
     return tuple(f for f in _FORMATS if f in Image.OPEN)  # WEBP may be missing from a build
 
 
-def _bomb_error(path: str | os.PathLike, exc: Exception) -> ImageError:
+def _bomb_error(path: str | os.PathLike, exc: Exception | str) -> ImageError:
     m = re.search(r"\((\d+) pixels\)", str(exc))
     n = m.group(1) if m else "?"
     return ImageError(path, f"too many pixels ({n} > {Image.MAX_IMAGE_PIXELS})", _BOMB_FIX)
@@ -205,6 +205,9 @@ def decode_image(data: bytes, path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=_open_formats()) as im:
                 fmt = im.format or fmt
+                # Again by hand: catch_warnings is process-wide, another thread may have reset it.
+                if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                    raise _bomb_error(path, f"({im.width * im.height} pixels)")
                 im.seek(0)  # first frame of an animated GIF/WebP
                 im.load()
                 return _to_rgb(im, path)

@@ -321,3 +321,13 @@ def test_non_utf8_file_name(tmp_path):
 
 def test_describe_path_escapes_control_characters():
     assert describe_path("a\nb.jpg") == "a\\nb.jpg"
+
+
+def test_icc_profile_converted_and_broken_profile_tolerated(tmp_path):
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    im = Image.new("RGB", (4, 4), (200, 100, 50))
+    assert _close(load_image(_save(tmp_path / "srgb.png", im, icc_profile=srgb)).getpixel((1, 1)), (200, 100, 50), 3)
+    out = load_image(_save(tmp_path / "junk.png", im, icc_profile=b"not a profile"))
+    assert out.getpixel((1, 1)) == (200, 100, 50)
