@@ -83,23 +83,24 @@ class Glm4vBackbone(Backbone):
     features = ("vision", "answer")
 
     @classmethod
-    def from_name(cls, name: str, options: BackboneOptions) -> "Glm4vBackbone":
+    def from_name(cls, name: str, options: BackboneOptions) -> Backbone:
         model_dir, revision = resolve_model_dir(name)
+        model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if model_type in REMOTE_CODE_MODEL_TYPES:
+            if not options.trust_remote_code:
+                raise BackboneError(
+                    f"{name} is the original ChatGLM glm-4v-9b, whose modelling code ships inside the "
+                    "checkpoint; rainclf does not execute downloaded code unless you pass "
+                    "--trust-remote-code (or use a transformers-native GLM-4.1V/4.5V/4.6V checkpoint)")
+            from .chatglm_backbone import ChatGLMBackbone
+
+            return ChatGLMBackbone(name, model_dir, revision, options)
         return cls(name, model_dir, revision, options)
 
     def __init__(self, name: str, model_dir: Path, revision: str | None, options: BackboneOptions):
         self.name, self.model_dir, self.options = name, Path(model_dir), options
         config = json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
         model_type = config.get("model_type")
-        if model_type in REMOTE_CODE_MODEL_TYPES:
-            if not options.trust_remote_code:
-                raise BackboneError(
-                    f"{name} is the original ChatGLM glm-4v-9b, which runs Python code shipped with the "
-                    "checkpoint (trust_remote_code); rainclf does not execute downloaded code unless you "
-                    "pass --trust-remote-code. Prefer GLM-4.1V/4.5V/4.6V, which transformers supports natively")
-            raise BackboneError(
-                f"{name}: ChatGLM remote-code models (glm-4v-9b) are refused even with "
-                "--trust-remote-code for now: their vision API differs; use a GLM-4.1V/4.5V/4.6V checkpoint")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise BackboneError(f"{self.model_dir}: model_type {model_type!r} is not a GLM-4V-family "
                                 f"model (expected one of {', '.join(SUPPORTED_MODEL_TYPES)})")

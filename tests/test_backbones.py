@@ -175,3 +175,13 @@ def test_timm_backbone_random_and_with_weights(tmp_path):
     assert not np.allclose(bw.embed(images), v)
     with pytest.raises(BackboneError, match="timm has no model"):
         create_backbone("timm:not_a_model")
+
+
+def test_chatglm_with_flag_goes_to_remote_code_loader(tmp_path):
+    """With --trust-remote-code the ChatGLM path is taken; loading fails cleanly without its code."""
+    d = _copy_tiny(tmp_path, lambda c: c.update(model_type="chatglm", hidden_size=64, num_layers=2,
+                                                  vision_config={"hidden_size": 32, "image_size": 112}))
+    b = create_backbone(str(d), BackboneOptions(trust_remote_code=True, device="cpu"))
+    assert b.kind == "chatglm" and b.dim("vision") == 32 and b.dim("answer") == 64
+    with pytest.raises(BackboneError, match="cannot load ChatGLM"):
+        b.embed(solid_images(1), "vision")
