@@ -5,7 +5,8 @@
     private_backbone  a backbone object (and so a model) owned by one head only
     attach_lora       peft LoRA on the language model's projections, never the vision tower
     load_adapter      base model + a saved ``adapter/`` folder
-    decode_paths      image files → RGB images, one error string per bad file
+    decode_paths      image files → RGB images, one error string per bad file (decode_examples:
+                      the same for labelled examples, bad ones skipped and reported)
     train_loop        AdamW, gradient accumulation, autocast, validation every N steps,
                       early stopping, best (and last) trainable state kept in memory
 
@@ -18,6 +19,7 @@ therefore builds its own backbone object (a fresh ``from_pretrained``) and never
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import re
 import sys
@@ -29,6 +31,7 @@ from typing import Callable, Sequence
 
 from ..backbones import BackboneError, BackboneOptions, create_backbone
 from ..images import ImageError, decode_image, read_bytes
+from ..model_dir import ModelDirError
 
 ADAPTER_DIR = "adapter"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -124,6 +127,19 @@ def amp_dtype(precision: str, device: str):
     return None
 
 
+def precision_name(dtype) -> str:
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def cuda_devices(device: str) -> list:
+    """Device indices for ``torch.random.fork_rng`` (which must know the CUDA devices it forks)."""
+    if not device.startswith("cuda"):
+        return []
+    return [int(device.split(":")[1]) if ":" in device else 0]
+
+
 def autocast(device: str, dtype):
     import torch
 
@@ -137,7 +153,8 @@ def autocast(device: str, dtype):
 def private_backbone(name: str, options: BackboneOptions, layer: int | None = None):
     """A new backbone object whose model only this head will touch (see module docstring)."""
     backbone = create_backbone(name, options)
-    if not hasattr(backbone, "chat_inputs"):
+    # the adapters are placed by module path (language_model.layers.N.self_attn.*): GLM-4V only
+    if getattr(backbone, "kind", None) != "glm4v" or not hasattr(backbone, "chat_inputs"):
         raise BackboneError(f"backbone {name!r} has no language model: LoRA and generative heads need "
                             "a GLM-4V backbone (glm4v-tiny, a GLM-4.1V/4.5V/4.6V directory or hub id)")
     backbone.check_feature("answer", layer)
@@ -145,8 +162,8 @@ def private_backbone(name: str, options: BackboneOptions, layer: int | None = No
 
 
 def _target_regex(targets: Sequence[str], layers: Sequence[int] | None) -> str:
-    # Full-match regex over module names: only the language model's decoder layers qualify, so the
-    # vision tower (whose blocks also have *_proj names in some versions) never gets LoRA.
+    # Full-match regex over module names: only the language model's decoder layers qualify. A bare
+    # name list would also hit the vision tower, whose blocks have their own down_proj/gate_proj.
     idx = r"\d+" if layers is None else "(?:" + "|".join(str(i) for i in layers) + ")"
     names = "|".join(re.escape(t) for t in targets)
     return rf".*language_model\.layers\.{idx}\.(?:self_attn|mlp)\.(?:{names})"
@@ -162,8 +179,6 @@ def lora_config(params: LoraParams, layers: Sequence[int] | None = None):
 def _cast_base(model, precision: str, device: str) -> None:
     """The backbone loads bf16 on CUDA, fp32 on CPU; fp32 / forced-fp16 training on CUDA want
     the frozen base weights in that dtype too."""
-    import torch
-
     if device.startswith("cuda"):
         if precision == "fp32":
             model.float()
@@ -182,7 +197,9 @@ def attach_lora(backbone, params: LoraParams, layers: Sequence[int] | None = Non
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, lora_config(params, layers))
     peft_model.peft_config["default"].base_model_name_or_path = backbone.name  # not a local path
-    return peft_model
+    # new LoRA dropout modules start in train mode even in an eval model: inference must be
+    # deterministic until a training loop asks for train mode
+    return peft_model.eval()
 
 
 def load_adapter(backbone, adapter_dir: Path):
@@ -190,7 +207,7 @@ def load_adapter(backbone, adapter_dir: Path):
     from peft import PeftModel
 
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise BackboneError(f"{adapter_dir} has no adapter_config.json: the model directory is damaged; refit it")
+        raise ModelDirError(f"{adapter_dir} has no adapter_config.json: the model directory is damaged; refit it")
     model, _ = backbone.load()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -213,6 +230,18 @@ def decode_paths(paths: Sequence[str | Path], backbone=None):
             images.append(None)
             errors.append(str(e))
     return images, errors
+
+
+def decode_examples(examples, backbone, progress: bool = True):
+    """(images, label indices, skipped 'origin: error' strings) for a list of data.Example."""
+    from ..labels import label_to_index
+
+    images, errors = decode_paths([e.path for e in examples], backbone)
+    keep = [i for i, err in enumerate(errors) if err is None]
+    skipped = [f"{examples[i].origin}: {err}" for i, err in enumerate(errors) if err is not None]
+    for s in skipped:
+        log(f"skipped {s}", progress)
+    return [images[i] for i in keep], [label_to_index(examples[i].label) for i in keep], skipped
 
 
 def minibatches(n: int, batch_size: int, seed: int):
@@ -238,6 +267,7 @@ class TrainOutcome:
     stopped_early: bool
     train_seconds: float      # optimizer steps only (no validation)
     total_seconds: float
+    nonfinite_steps: int = 0  # steps skipped for an inf/nan loss or gradient (fp16 overflow)
 
     @property
     def steps_per_s(self) -> float:
@@ -263,9 +293,10 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
     """Generic LoRA training.
 
     ``loss_fn(indices)`` returns the mean loss of one micro-batch (run under autocast here).
-    ``evaluate()`` returns a dict with a ``rank`` tuple, higher is better; the state with the
-    best rank is kept (ties keep the earlier one) and ``patience`` validations without a better
-    rank stop training. Without ``evaluate`` (no validation split) the last state is kept.
+    ``evaluate()`` returns a dict with a ``rank`` tuple, higher is better; it runs before training
+    (step 0, recorded only) and every ``eval_every`` steps. The state with the best rank is kept
+    (ties keep the earlier one: less drift) and ``patience`` validations without a better rank
+    stop training. Without ``evaluate`` (no validation split) the last state is kept.
     ``modules`` are switched to train mode for steps and eval mode for validation.
     """
     import torch
@@ -275,9 +306,37 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
     # fp16 (forced) needs loss scaling on CUDA, or small gradients underflow to zero
     scaler = torch.amp.GradScaler("cuda") if (dtype == torch.float16 and device.startswith("cuda")) else None
     batches = minibatches(n_train, params.train_batch_size, seed)
-    history, best_rank, best_step, bad = [], None, 0, 0
-    best_state = last_state = None
-    start, train_s, running, stopped, step = time.perf_counter(), 0.0, [], False, 0
+    history: list = []
+    best = {"rank": None, "step": 0, "state": None}
+    start, train_s, running, stopped, step, bad = time.perf_counter(), 0.0, [], False, 0, 0
+    nonfinite = 0
+
+    def validate(step: int) -> bool:
+        """Record one validation; True when it is the best so far (its state is kept). Step 0
+        (before training) is recorded for the "before" figures but is never a candidate: with
+        all-zero accuracy at every validation the kept checkpoint is still a trained one."""
+        entry = {"step": step}
+        if running:
+            entry["train_loss"] = round(sum(running) / len(running), 6)
+            running.clear()
+        for m in modules:
+            m.eval()
+        with torch.no_grad(), autocast(device, dtype):
+            entry.update(evaluate())
+        rank = tuple(entry.pop("rank"))
+        history.append(entry)
+        log(f"{desc} step {step}/{params.steps}: " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k != "step"),
+            progress)
+        if step == 0:
+            return False
+        if best["rank"] is None or rank > best["rank"]:
+            best.update(rank=rank, step=step, state=_snapshot(named_params))
+            return True
+        return False
+
+    if evaluate is not None:
+        validate(0)   # the untrained adapter: the "before" figures
     for step in range(1, params.steps + 1):
         t0 = time.perf_counter()
         for m in modules:
@@ -290,43 +349,38 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
             total += float(loss.detach())
         if scaler:
             scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+        if not (math.isfinite(total) and torch.isfinite(norm)):
+            nonfinite += 1    # overflow (fp16): skip the update rather than write nan into the adapter
         if scaler:
-            scaler.step(opt)
+            scaler.step(opt)  # the scaler skips non-finite steps itself and lowers its scale
             scaler.update()
-        else:
+        elif math.isfinite(total) and torch.isfinite(norm):
             opt.step()
         opt.zero_grad(set_to_none=True)
         running.append(total)
         train_s += time.perf_counter() - t0
-        if step % params.eval_every and step != params.steps:
+        if evaluate is None or (step % params.eval_every and step != params.steps):
             continue
-        entry = {"step": step, "train_loss": round(sum(running) / len(running), 6)}
-        running = []
-        if evaluate is not None:
-            for m in modules:
-                m.eval()
-            with torch.no_grad(), autocast(device, dtype):
-                entry.update(evaluate())
-        history.append(entry)
-        rank = tuple(entry.pop("rank")) if "rank" in entry else None
-        log(f"{desc} step {step}/{params.steps}: " + ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k != "step"),
-            progress)
-        if rank is None or best_rank is None or rank > best_rank:
-            best_rank, best_step, bad = rank, step, 0
-            best_state = _snapshot(named_params)
-        else:
-            bad += 1
-            if bad >= params.patience:
-                stopped = True
-                log(f"{desc}: early stop at step {step} ({bad} validations without improvement; "
-                    f"best step {best_step})", progress)
-                break
+        bad = 0 if validate(step) else bad + 1
+        if bad >= params.patience:
+            stopped = True
+            log(f"{desc}: early stop at step {step} ({bad} validations without improvement; "
+                f"best step {best['step']})", progress)
+            break
     for m in modules:
         m.eval()
     last_state = _snapshot(named_params)
     if evaluate is None:
-        best_state, best_step = last_state, step
-    return TrainOutcome(history, best_step, best_state, last_state, step, stopped, train_s,
-                        time.perf_counter() - start)
+        history.append({"step": step, "train_loss": round(sum(running) / max(len(running), 1), 6)})
+        best.update(step=step, state=last_state)
+    if nonfinite:
+        log(f"{desc}: {nonfinite} of {step} steps had a non-finite loss or gradient and were skipped", progress)
+    return TrainOutcome(history, best["step"], best["state"], last_state, step, stopped, train_s,
+                        time.perf_counter() - start, nonfinite)
+
+
+def save_adapter(peft_model, path: Path) -> None:
+    """peft ``save_pretrained`` (adapter_config.json + adapter_model.safetensors). Embedding layers
+    are never targeted, and "auto" would look the base model up on the Hub: switch it off."""
+    peft_model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)

@@ -1,0 +1,355 @@
+"""The generative LoRA baseline (the seeds' recipe), kept honest, and its three decodings.
+
+Training (``fit_generative``, ``FITTERS["generative"]``): each example is a chat
+``[gMASK]<sop><|user|>\\n<image>question<|assistant|>\\n…`` followed by the label and EOS; the loss
+is cross-entropy on the answer tokens only (every prompt and padding position is -100), with
+LoRA on the language model (same defaults as the LoRA head). Every ``eval_every`` steps the
+validation part gives loss, greedy accuracy and format-valid rate; the kept checkpoint is chosen
+by (accuracy, format-valid rate) — never by loss, which keeps falling while answers turn into
+descriptions. The last checkpoint is saved as well, for the comparison:
+
+    adapter/        best checkpoint (by validation accuracy, then format-valid rate)
+    adapter_last/   the last step
+    metrics.json    history of every validation (step 0 = before training)
+
+Decoding (``RunOptions.decoding``):
+    greedy       argmax tokens; ``raw`` keeps the text; label only if the text *is* a label
+    sample       temperature / top_p; reproducible: image i is sampled with seed (seed, i)
+    constrained  log p(label tokens + EOS | prompt) summed for each of the two labels; the larger
+                 wins and p_rain = softmax of the two sums. EOS is included because it is what
+                 training taught to follow a label: the score is "the answer is exactly this
+                 label", not "the answer starts with it". It can only emit the two labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..atomic import atomic_dir
+from ..backbones import BackboneError, BackboneOptions
+from ..classifier import Row, RunOptions, backbone_for, register_head_loader
+from ..fit import FITTERS, FitOptions, FitResult, prepare_data
+from ..labels import LABELS, normalise_label
+from ..metrics import classification_metrics
+from ..model_dir import ModelConfig, write_common_files
+from ..quality import assess_answer, summarise
+from .lora_common import (ADAPTER_DIR, LoraParams, amp_dtype, attach_lora, autocast, check_precision,
+                          cuda_devices, decode_examples, decode_paths, load_adapter, log,
+                          precision_name, private_backbone, restore, save_adapter, train_loop)
+
+LAST_ADAPTER_DIR = "adapter_last"
+DECODINGS = ("greedy", "sample", "constrained")
+SOURCE = "generative"
+IGNORE = -100   # label id that cross-entropy skips
+
+
+def answer_labels(input_ids, attention_mask, prompt_len: int):
+    """Targets for answer-only loss: a copy of ``input_ids`` with -100 on padding and on the first
+    ``prompt_len`` real tokens of each row (left or right padding alike); answer + EOS keep ids."""
+    rank = attention_mask.cumsum(dim=1)            # 1-based position among the row's real tokens
+    labels = input_ids.clone()
+    labels[(attention_mask == 0) | (rank <= prompt_len)] = IGNORE
+    return labels
+
+
+class GenerativeModel:
+    """A private GLM-4V backbone + its LoRA-wrapped model, as a chat model that answers in text."""
+
+    def __init__(self, backbone, peft_model, prompt: str, dtype=None):
+        self.backbone, self.peft_model, self.prompt, self.dtype = backbone, peft_model, prompt, dtype
+        self.tokenizer = backbone.load()[1].tokenizer
+        eos = self.peft_model.get_base_model().generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        self.eos_ids = sorted({int(e) for e in eos + [self.tokenizer.eos_token_id] if e is not None})
+        self._prompt_len: int | None = None
+        self.answer_ids: dict[str, list[int]] = {}
+
+    @property
+    def base(self):
+        return self.peft_model.get_base_model()
+
+    def _blank(self):
+        from PIL import Image
+
+        s = self.backbone.image_size
+        return Image.new("RGB", (s, s))
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens of the prompt (chat + image tokens): the same for every image, since every image
+        is resized to the same square."""
+        if self._prompt_len is None:
+            self._prompt_len = int(self.backbone.chat_inputs([self._blank()], self.prompt)["attention_mask"].sum())
+        return self._prompt_len
+
+    def check_tokenisation(self) -> dict:
+        """Each label's answer token ids (label + EOS); refuses a tokenizer that merges prompt and
+        answer tokens across the boundary (the mask would then cut a token in half)."""
+        prompt = self.backbone.chat_inputs([self._blank()], self.prompt)["input_ids"][0].tolist()
+        for label in LABELS:
+            ids = self.backbone.chat_inputs([self._blank()], self.prompt, answers=[label])["input_ids"][0].tolist()
+            if ids[:len(prompt)] != prompt or ids[-1] not in self.eos_ids:
+                raise BackboneError(f"the tokenizer does not keep the prompt's tokens when {label!r} + EOS "
+                                    "is appended: answer-only masking would be wrong for this model")
+            self.answer_ids[label] = ids[len(prompt):]
+        return self.answer_ids
+
+    def named_trainable(self) -> list:
+        return [(n, p) for n, p in self.peft_model.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ scoring
+    def _answer_logprobs(self, images, answers):
+        """Per-row (sum of log p over answer tokens, number of answer tokens), both (N,) tensors."""
+        import torch
+
+        inputs = self.backbone.chat_inputs(images, self.prompt, answers=answers)
+        labels = answer_labels(inputs["input_ids"], inputs["attention_mask"], self.prompt_len)
+        hidden = self.base.model(**inputs).last_hidden_state      # (N, L, H)
+        target = labels[:, 1:]                                     # token t+1 is predicted at t
+        sel = target != IGNORE
+        # lm_head only on answer positions: (M, vocab) instead of (N, L, vocab), which for the
+        # 151k-token GLM vocabulary would dominate memory
+        logits = self.base.lm_head(hidden[:, :-1][sel]).float()
+        logp = torch.log_softmax(logits, dim=-1).gather(1, target[sel].unsqueeze(1)).squeeze(1)
+        rows = torch.arange(len(images), device=logp.device).unsqueeze(1).expand_as(target)[sel]
+        total = torch.zeros(len(images), device=logp.device, dtype=logp.dtype).index_add(0, rows, logp)
+        return total, sel.sum(dim=1)
+
+    def loss(self, images, answers):
+        """Mean cross-entropy per answer token (the training loss)."""
+        total, count = self._answer_logprobs(images, answers)
+        return -total.sum() / count.sum()
+
+    def label_logprobs(self, images) -> np.ndarray:
+        """(N, 2) float64: log p(label + EOS | image, prompt) for LABELS (不会下雨, 会下雨)."""
+        import torch
+
+        twice = [im for im in images for _ in LABELS]
+        answers = [label for _ in images for label in LABELS]
+        with torch.inference_mode(), autocast(self.backbone.device, self.dtype):
+            total, _ = self._answer_logprobs(twice, answers)
+        return total.double().cpu().numpy().reshape(len(images), 2)
+
+    def constrained_p_rain(self, images) -> np.ndarray:
+        """p_rain = softmax over the two labels' sequence log-probabilities."""
+        lp = self.label_logprobs(images)
+        return 1.0 / (1.0 + np.exp(lp[:, 0] - lp[:, 1]))
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, images, decoding: str = "greedy", max_new_tokens: int = 16, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 0, first_index: int = 0) -> list[str]:
+        """Raw answers (text up to the first EOS, special tokens such as <think> kept)."""
+        import torch
+        from transformers import GenerationConfig
+
+        if decoding not in ("greedy", "sample"):
+            raise ValueError(f"generate: decoding {decoding!r} is not greedy or sample")
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=decoding == "sample",
+                               temperature=temperature if decoding == "sample" else None,
+                               top_p=top_p if decoding == "sample" else None,
+                               top_k=0 if decoding == "sample" else None,   # 0: no top-k cut, only top_p
+                               eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id)
+        if decoding == "greedy":
+            groups = [list(range(len(images)))]
+        else:
+            # one image at a time with its own seed: answers do not depend on batch composition
+            groups = [[i] for i in range(len(images))]
+        texts: list[str] = [""] * len(images)
+        dev = self.backbone.device
+        for g in groups:
+            inputs = self.backbone.chat_inputs([images[i] for i in g], self.prompt)
+            with torch.random.fork_rng(devices=cuda_devices(dev)), torch.inference_mode(), \
+                    autocast(dev, self.dtype):
+                if decoding == "sample":
+                    torch.manual_seed((seed * 1_000_003 + first_index + g[0]) % (2 ** 63))
+                out = self.peft_model.generate(**inputs, generation_config=cfg)
+            for i, ids in zip(g, out[:, inputs["input_ids"].shape[1]:].tolist()):
+                cut = next((k for k, t in enumerate(ids) if t in self.eos_ids), len(ids))
+                texts[i] = self.tokenizer.decode(ids[:cut], skip_special_tokens=False)
+        return texts
+
+
+def build_generative(backbone, params: LoraParams, prompt: str, seed: int = 0) -> GenerativeModel:
+    """Fresh LoRA adapters on every language-model layer of a private backbone."""
+    import torch
+
+    backbone.load()   # first: the device decides which RNGs to fork
+    with torch.random.fork_rng(devices=cuda_devices(backbone.device)):
+        torch.manual_seed(seed)
+        peft_model = attach_lora(backbone, params)
+    return GenerativeModel(backbone, peft_model, prompt, amp_dtype(params.precision, backbone.device))
+
+
+def evaluate_answers(gen: GenerativeModel, images, labels: Sequence[str], batch_size: int,
+                     max_new_tokens: int) -> dict:
+    """Validation figures: answer-token loss, greedy accuracy (an invalid answer is wrong),
+    format-valid rate and mean length."""
+    loss_sum, tokens, texts = 0.0, 0, []
+    for lo in range(0, len(images), batch_size):
+        ims, labs = images[lo:lo + batch_size], list(labels[lo:lo + batch_size])
+        total, count = gen._answer_logprobs(ims, labs)
+        loss_sum -= float(total.sum())
+        tokens += int(count.sum())
+        texts += gen.generate(ims, "greedy", max_new_tokens)
+    q = summarise(texts)
+    acc = float(np.mean([normalise_label(t) == y for t, y in zip(texts, labels)]))
+    return {"val_loss": round(loss_sum / max(tokens, 1), 6), "val_accuracy": round(acc, 6),
+            "val_format_valid": round(q["format_valid_rate"], 6), "val_mean_length": round(q["mean_length"], 3),
+            "rank": (acc, q["format_valid_rate"]), "_texts": texts}
+
+
+def fit_generative(data, out_dir, options: FitOptions) -> FitResult:
+    """Fit the generative baseline on DATA and write its model directory to OUT_DIR (atomically)."""
+    import torch
+
+    params = LoraParams.from_dict(options.head_params)
+    check_precision(params)   # before any data or model work
+    train, val = prepare_data(data, options)
+    backbone = private_backbone(options.backbone, BackboneOptions(
+        device=options.device, image_size=options.image_size, trust_remote_code=options.trust_remote_code))
+    if backbone.random_weights:
+        log(f"backbone {backbone.name} has RANDOM weights: its answers say nothing about real models",
+            options.progress)
+    gen = build_generative(backbone, params, options.prompt, options.seed)
+    answer_ids = gen.check_tokenisation()
+    device = backbone.device
+    tr_im, tr_y, tr_skip = decode_examples(train, backbone, options.progress)
+    va_im, va_y, va_skip = decode_examples(val, backbone, options.progress)
+    tr_lab, va_lab = [LABELS[i] for i in tr_y], [LABELS[i] for i in va_y]
+    if not tr_im:
+        raise ValueError("no readable training image")
+
+    def loss_fn(idx):
+        return gen.loss([tr_im[i] for i in idx], [tr_lab[i] for i in idx])
+
+    def evaluate():
+        out = evaluate_answers(gen, va_im, va_lab, options.batch_size, params.max_new_tokens)
+        out.pop("_texts")
+        return out
+
+    log(f"generative baseline: r {params.lora_r}, alpha {params.lora_alpha}, targets "
+        f"{','.join(params.lora_targets)}, {params.steps} steps × {params.train_batch_size} × "
+        f"{params.grad_accum} on {device}, loss on {len(answer_ids[LABELS[0]])}/{len(answer_ids[LABELS[1]])} "
+        "answer tokens", options.progress)
+    with torch.random.fork_rng(devices=cuda_devices(device)):
+        torch.manual_seed(options.seed)
+        outcome = train_loop(params, gen.named_trainable(), len(tr_im), loss_fn,
+                             evaluate if va_im else None, [gen.peft_model], device, gen.dtype,
+                             seed=options.seed, progress=options.progress, desc="generative")
+    named = gen.named_trainable()
+    restore(named, outcome.best_state)
+    metrics: dict = {
+        "n_train": len(tr_im), "n_val": len(va_im), "n_skipped": len(tr_skip) + len(va_skip),
+        "skipped": tr_skip + va_skip, "random_weights_backbone": backbone.random_weights,
+        "device": device, "precision": precision_name(gen.dtype),
+        "answer_token_ids": answer_ids, "best_step": outcome.best_step, "steps_done": outcome.steps_done,
+        "stopped_early": outcome.stopped_early, "nonfinite_steps": outcome.nonfinite_steps,
+        "train_seconds": round(outcome.train_seconds, 3),
+        "steps_per_s": round(outcome.steps_per_s, 4), "history": outcome.history,
+        "selection": ("validation greedy accuracy, then format-valid rate (not loss)" if va_im
+                      else "last step (no validation split)"),
+        "checkpoints": {ADAPTER_DIR: f"best (step {outcome.best_step})",
+                        LAST_ADAPTER_DIR: f"last (step {outcome.steps_done})"},
+    }
+    if va_im:
+        with torch.no_grad(), autocast(device, gen.dtype):
+            ev = evaluate_answers(gen, va_im, va_lab, options.batch_size, params.max_new_tokens)
+        preds = [normalise_label(t) for t in ev["_texts"]]
+        metrics["validation"] = classification_metrics(va_lab, None, preds)           # greedy
+        metrics["validation_quality"] = summarise(ev["_texts"])
+        p = gen.constrained_p_rain(va_im)
+        metrics["validation_constrained"] = classification_metrics(va_lab, p.tolist(), None, 0.5)
+    config = ModelConfig(head="generative", backbone=backbone.describe(), feature="answer",
+                         prompt=options.prompt, dim=backbone.hidden_size, threshold=0.5,
+                         head_params=params.to_dict())
+    with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
+        save_adapter(gen.peft_model, tmp / ADAPTER_DIR)
+        restore(named, outcome.last_state)
+        save_adapter(gen.peft_model, tmp / LAST_ADAPTER_DIR)
+        restore(named, outcome.best_state)
+        write_common_files(tmp, config, metrics)
+    return FitResult(Path(out_dir), metrics, config)
+
+
+class GenerativeClassifier:
+    """A generative model directory, answering for image files (``HEAD_LOADERS["generative"]``).
+    ``checkpoint``: ``adapter`` (best, default) or ``adapter_last``."""
+
+    def __init__(self, config: ModelConfig, model_dir: Path, options: RunOptions,
+                 checkpoint: str = ADAPTER_DIR):
+        if options.decoding not in DECODINGS:
+            raise ValueError(f"--decoding {options.decoding!r}: use {', '.join(DECODINGS)}")
+        self.config, self.model_dir, self.options = config, Path(model_dir), options
+        self.backbone = backbone_for(config, self.model_dir, options)   # a new object: ours alone
+        peft_model = load_adapter(self.backbone, self.model_dir / checkpoint)
+        self.model = GenerativeModel(self.backbone, peft_model, config.prompt or "",
+                                     amp_dtype("auto", self.backbone.device))
+        self.notes: list[str] = []
+
+    @classmethod
+    def from_model(cls, config: ModelConfig, model: GenerativeModel, options: RunOptions) -> "GenerativeClassifier":
+        """Wrap an in-memory GenerativeModel (tests, reports) without a model directory."""
+        self = cls.__new__(cls)
+        self.config, self.model_dir, self.options = config, None, options
+        self.backbone, self.model, self.notes = model.backbone, model, []
+        return self
+
+    def answer(self, images, first_index: int = 0) -> list[dict]:
+        """One dict per image: label (or None), p_rain (constrained only), raw, format_valid."""
+        o = self.options
+        if o.decoding == "constrained":
+            p = self.model.constrained_p_rain(images)
+            out = []
+            for pr in p:
+                label = LABELS[1] if pr >= self.config.threshold else LABELS[0]
+                out.append({"label": label, "p_rain": float(pr), "raw": label, "format_valid": True})
+            return out
+        texts = self.model.generate(images, o.decoding, o.max_new_tokens, o.temperature, o.top_p,
+                                    o.seed, first_index)
+        out = []
+        for t in texts:
+            q = assess_answer(t)
+            out.append({"label": q.label, "p_rain": None, "raw": t, "format_valid": q.format_valid})
+        return out
+
+    def predict_paths(self, paths: Sequence[str | Path]) -> list[Row]:
+        from tqdm.auto import tqdm
+
+        o, rows = self.options, []
+        bar = tqdm(total=len(paths), desc=f"predict ({o.decoding})", unit="img", disable=not o.progress,
+                   leave=False)
+        for lo in range(0, len(paths), o.batch_size):
+            chunk = [Path(p) for p in paths[lo:lo + o.batch_size]]
+            images, errors = decode_paths(chunk, self.backbone)
+            good = [(i, im) for i, im in enumerate(images) if im is not None]
+            answers = dict(zip((i for i, _ in good), self._answer_each(good, lo)))
+            for i, (path, err) in enumerate(zip(chunk, errors)):
+                if err is not None:
+                    rows.append(Row(path=str(path), source=SOURCE, error=err))
+                    continue
+                a = answers[i]
+                rows.append(Row(path=str(path), label=a["label"], p_rain=a["p_rain"], source=SOURCE,
+                                extra={"raw": a["raw"], "format_valid": a["format_valid"],
+                                       "answer_length": assess_answer(a["raw"]).length}))
+            bar.update(len(chunk))
+        bar.close()
+        answered = [r for r in rows if r.error is None]
+        invalid = sum(not r.extra["format_valid"] for r in answered)
+        self.notes = [f"generative ({o.decoding}): {invalid} of {len(answered)} answers were not exactly a "
+                      "label (format_valid=false, no label given)"] if answered else []
+        return rows
+
+    def _answer_each(self, good, lo: int) -> list[dict]:
+        if not good:
+            return []
+        # sampling seeds follow the image's index in the whole run, not in the batch
+        if self.options.decoding == "sample":
+            return [self.answer([im], first_index=lo + i)[0] for i, im in good]
+        return self.answer([im for _, im in good])
+
+
+FITTERS["generative"] = fit_generative
+register_head_loader("generative", GenerativeClassifier)

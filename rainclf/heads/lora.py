@@ -1,0 +1,239 @@
+"""LoRA classification head: GLM-4V's language model adapted with LoRA, read out by a 2-way linear
+score on the ``answer`` feature (hidden state at the last prompt position, the place where the
+model would start to answer). It can only ever say 不会下雨 or 会下雨.
+
+    image + question ──GLM-4V (vision tower frozen, LoRA on the LM projections)──▶ h (hidden,)
+    h ──score: Linear(hidden, 2)──▶ logits ──softmax──▶ p_rain
+
+Training (``fit_lora``, registered as ``FITTERS["lora"]``): cross-entropy, AdamW, gradient
+accumulation, bf16 autocast on CUDA / fp32 on CPU, validation every N steps, early stopping, the
+best checkpoint kept by validation log-loss. The log-loss (a proper scoring rule) rather than
+accuracy, because small validation sets tie on accuracy all the time and because ``--fallback``
+routes images by p_rain, so calibration matters.
+
+Model directory: ``adapter/`` (peft ``save_pretrained``, safetensors) + ``score.safetensors`` +
+config.json / metrics.json / README.md. ``LoraClassifier`` loads base + adapter + score. The
+embedding cache is not used: the features change while LoRA trains.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..atomic import atomic_dir
+from ..backbones import BackboneError, BackboneOptions
+from ..classifier import Row, RunOptions, backbone_for, register_head_loader
+from ..fit import FITTERS, FitOptions, FitResult, prepare_data
+from ..labels import LABELS
+from ..metrics import classification_metrics
+from ..model_dir import ModelConfig, ModelDirError, write_common_files
+from .lora_common import (ADAPTER_DIR, LoraParams, amp_dtype, attach_lora, autocast, check_precision,
+                          cuda_devices, decode_examples, decode_paths, load_adapter, log,
+                          precision_name, private_backbone, restore, save_adapter, train_loop)
+
+SCORE_FILE = "score.safetensors"
+
+
+def lora_layers(backbone, layer: int) -> list[int]:
+    """Decoder layers that can influence hidden state ``layer``: LoRA on later ones would be dead
+    weight (the forward stops early there)."""
+    n = backbone.num_layers
+    k = layer % (n + 1)
+    if k == 0:
+        raise BackboneError("--layer 0 is the embedding output: no decoder layer runs before it, so "
+                            "LoRA has nothing to adapt (use --layer -1 or a layer >= 1)")
+    return list(range(k))
+
+
+class LoraHeadModel:
+    """A private GLM-4V backbone + its LoRA-wrapped model + the score layer."""
+
+    def __init__(self, backbone, peft_model, score, layer: int, prompt: str, dtype=None):
+        self.backbone, self.peft_model, self.score = backbone, peft_model, score
+        self.layer, self.prompt, self.dtype = layer, prompt, dtype
+
+    @property
+    def modules(self) -> list:
+        return [self.peft_model, self.score]
+
+    def named_trainable(self) -> list:
+        lora = [(f"lora.{n}", p) for n, p in self.peft_model.named_parameters() if p.requires_grad]
+        return lora + [(f"score.{n}", p) for n, p in self.score.named_parameters()]
+
+    def logits(self, images: Sequence):
+        """(N, 2) logits, columns LABELS; images are decoded RGB PIL images."""
+        inputs = self.backbone.chat_inputs(images, self.prompt)
+        # the unwrapped model: answer_hidden calls model.model (Glm4vModel), which a PeftModel
+        # would resolve to the whole ForConditionalGeneration; LoRA layers live inside it anyway
+        h = self.backbone.answer_hidden(inputs, self.layer, model=self.peft_model.get_base_model())
+        return self.score(h.float())
+
+    def p_rain(self, images: Sequence, batch_size: int = 8) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.inference_mode(), autocast(self.backbone.device, self.dtype):
+            for lo in range(0, len(images), batch_size):
+                logits = self.logits(images[lo:lo + batch_size]).float()
+                out.append(torch.softmax(logits, dim=-1)[:, 1].cpu().numpy())
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_adapter(self.peft_model, directory / ADAPTER_DIR)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.score.state_dict().items()}
+        save_file(state, str(directory / SCORE_FILE), metadata={"head": "lora", "labels": ",".join(LABELS)})
+
+    @classmethod
+    def load(cls, backbone, directory: Path, layer: int, prompt: str) -> "LoraHeadModel":
+        import torch
+        from safetensors import safe_open
+
+        path = directory / SCORE_FILE
+        if not path.is_file():
+            raise ModelDirError(f"{directory} has no {SCORE_FILE}: the model directory is damaged; refit it")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("head") != "lora" or set(state) != {"weight", "bias"} or state["weight"].shape[0] != 2:
+            raise ModelDirError(f"{path} is not a rainclf LoRA score layer")
+        if state["weight"].shape[1] != backbone.hidden_size:
+            raise ModelDirError(f"{path} expects {state['weight'].shape[1]}-d hidden states, backbone "
+                                f"{backbone.name} has {backbone.hidden_size}")
+        peft_model = load_adapter(backbone, directory / ADAPTER_DIR)
+        score = torch.nn.Linear(backbone.hidden_size, 2).to(backbone.device)
+        score.load_state_dict({k: v.to(backbone.device) for k, v in state.items()})
+        score.eval().requires_grad_(False)
+        return cls(backbone, peft_model, score, layer, prompt, amp_dtype("auto", backbone.device))
+
+
+def build_lora_head(backbone, params: LoraParams, layer: int, prompt: str, seed: int = 0) -> LoraHeadModel:
+    """Fresh LoRA adapters + a fresh score layer on a private backbone (deterministic for a seed)."""
+    import torch
+
+    backbone.load()   # first: the device decides which RNGs to fork
+    with torch.random.fork_rng(devices=cuda_devices(backbone.device)):
+        torch.manual_seed(seed)
+        peft_model = attach_lora(backbone, params, lora_layers(backbone, layer))
+        score = torch.nn.Linear(backbone.hidden_size, 2)
+    score.to(backbone.device).eval()
+    return LoraHeadModel(backbone, peft_model, score, layer, prompt, amp_dtype(params.precision, backbone.device))
+
+
+def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def fit_lora(data, out_dir, options: FitOptions) -> FitResult:
+    """Fit the LoRA head on DATA and write its model directory to OUT_DIR (atomically)."""
+    import torch
+    import torch.nn.functional as F
+
+    params = LoraParams.from_dict(options.head_params)
+    check_precision(params)   # before any data or model work
+    if options.feature != "answer":
+        log("--head lora reads the answer feature (LoRA adapts the language model); "
+            f"--feature {options.feature} is ignored", options.progress)
+    train, val = prepare_data(data, options)
+    backbone = private_backbone(options.backbone, BackboneOptions(
+        device=options.device, image_size=options.image_size, trust_remote_code=options.trust_remote_code),
+        options.layer)
+    if backbone.random_weights:
+        log(f"backbone {backbone.name} has RANDOM weights: its accuracy says nothing about real models",
+            options.progress)
+    head = build_lora_head(backbone, params, options.layer, options.prompt, options.seed)
+    device = backbone.device
+    tr_im, tr_y, tr_skip = decode_examples(train, backbone, options.progress)
+    va_im, va_y, va_skip = decode_examples(val, backbone, options.progress)
+    if len(set(tr_y)) < 2:
+        raise ValueError("after skipping unreadable images the training part has only one label")
+    y_train = torch.tensor(tr_y, device=device)
+    yv = np.array(va_y)
+
+    def loss_fn(idx):
+        return F.cross_entropy(head.logits([tr_im[i] for i in idx]).float(), y_train[idx])
+
+    def evaluate():
+        p = head.p_rain(va_im, options.batch_size)
+        acc = float(np.mean((p >= 0.5) == yv))
+        loss = _log_loss(yv, p)
+        return {"val_loss": round(loss, 6), "val_accuracy": round(acc, 6), "rank": (-loss,)}
+
+    log(f"LoRA head: r {params.lora_r}, alpha {params.lora_alpha}, targets {','.join(params.lora_targets)}, "
+        f"{params.steps} steps × {params.train_batch_size} × {params.grad_accum} on {device}", options.progress)
+    with torch.random.fork_rng(devices=cuda_devices(device)):
+        torch.manual_seed(options.seed)   # LoRA dropout: a fit is reproducible for a seed
+        outcome = train_loop(params, head.named_trainable(), len(tr_im), loss_fn,
+                             evaluate if va_im else None, head.modules, device, head.dtype,
+                             seed=options.seed, progress=options.progress, desc="lora")
+    restore(head.named_trainable(), outcome.best_state)
+    p_train = head.p_rain(tr_im, options.batch_size)
+    metrics: dict = {
+        "n_train": len(tr_im), "n_val": len(va_im), "n_skipped": len(tr_skip) + len(va_skip),
+        "skipped": tr_skip + va_skip, "random_weights_backbone": backbone.random_weights,
+        "device": device, "precision": precision_name(head.dtype),
+        "best_step": outcome.best_step, "steps_done": outcome.steps_done,
+        "stopped_early": outcome.stopped_early, "nonfinite_steps": outcome.nonfinite_steps,
+        "train_seconds": round(outcome.train_seconds, 3),
+        "steps_per_s": round(outcome.steps_per_s, 4), "history": outcome.history,
+        "train_accuracy": float(np.mean((p_train >= 0.5) == np.array(tr_y))),
+        "selection": "validation log-loss" if va_im else "last step (no validation split)",
+    }
+    if va_im:
+        p = head.p_rain(va_im, options.batch_size)
+        pred = [LABELS[1] if q >= 0.5 else LABELS[0] for q in p]
+        metrics["validation"] = classification_metrics([LABELS[i] for i in va_y], p.tolist(), pred, 0.5)
+    config = ModelConfig(head="lora", backbone=backbone.describe(), feature="answer", layer=options.layer,
+                         prompt=options.prompt, dim=backbone.hidden_size, threshold=0.5,
+                         head_params=params.to_dict())
+    with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
+        head.save(tmp)
+        write_common_files(tmp, config, metrics)
+    return FitResult(Path(out_dir), metrics, config)
+
+
+class LoraClassifier:
+    """A LoRA model directory, predicting image files (``HEAD_LOADERS["lora"]``)."""
+
+    def __init__(self, config: ModelConfig, model_dir: Path, options: RunOptions):
+        self.config, self.model_dir, self.options = config, Path(model_dir), options
+        # backbone_for builds a new backbone object: the model peft wraps is ours alone
+        self.backbone = backbone_for(config, self.model_dir, options)
+        self.head = LoraHeadModel.load(self.backbone, self.model_dir, config.layer,
+                                       config.prompt or "")
+
+    def predict_paths(self, paths: Sequence[str | Path]) -> list[Row]:
+        return predict_rows(paths, self.options, lambda ims: self.head.p_rain(ims, len(ims)),
+                            self.backbone, self.config.threshold, source="head")
+
+
+def predict_rows(paths, options: RunOptions, p_fn, backbone, threshold: float, source: str) -> list[Row]:
+    """Rows for image files in batches; an unreadable file becomes an error row, never a crash."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not options.progress, leave=False)
+    for lo in range(0, len(paths), options.batch_size):
+        chunk = [Path(p) for p in paths[lo:lo + options.batch_size]]
+        images, errors = decode_paths(chunk, backbone)
+        good = [im for im in images if im is not None]
+        p = iter(p_fn(good) if good else [])
+        for path, err in zip(chunk, errors):
+            if err is not None:
+                rows.append(Row(path=str(path), source=source, error=err))
+            else:
+                pr = float(next(p))
+                rows.append(Row(path=str(path), label=LABELS[1] if pr >= threshold else LABELS[0],
+                                p_rain=pr, source=source))
+        bar.update(len(chunk))
+    bar.close()
+    return rows
+
+
+FITTERS["lora"] = fit_lora
+register_head_loader("lora", LoraClassifier)

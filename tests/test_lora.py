@@ -1,0 +1,192 @@
+"""Tests for rainclf.heads.lora (and the shared pieces in heads/lora_common.py) on glm4v-tiny, CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("peft")
+
+from rainclf.backbones import BackboneOptions, DEFAULT_PROMPT  # noqa: E402
+from rainclf.classifier import RunOptions, load_classifier  # noqa: E402
+from rainclf.fit import FitOptions, fit  # noqa: E402
+from rainclf.heads.lora import LoraHeadModel, build_lora_head, fit_lora  # noqa: E402
+from rainclf.heads.lora_common import (FP16_REFUSAL, LoraParams, minibatches,  # noqa: E402
+                                       private_backbone)
+from rainclf.labels import LABELS, NO_RAIN, RAIN  # noqa: E402
+from rainclf.model_dir import ModelConfig, write_common_files  # noqa: E402
+
+SIZE = 112
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model gains nothing from threads, and on a busy machine spinning OpenMP threads made
+    these tests 10× slower (3 s vs 50 s for one fit)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_red_blue(root: Path, n_per_class: int = 12, seed: int = 0) -> Path:
+    """Red-ish skies = 会下雨, blue-ish = 不会下雨 (separable by colour), 112 px PNGs."""
+    rng = np.random.default_rng(seed)
+    for label, base in ((RAIN, (200, 60, 50)), (NO_RAIN, (50, 70, 200))):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            arr = np.clip(np.array(base) + rng.normal(0, 25, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / label / f"{i:03d}.png")
+    return root
+
+
+def all_paths(root: Path) -> tuple[list[Path], list[str]]:
+    paths = sorted(root.glob("*/*.png"))
+    return paths, [p.parent.name for p in paths]
+
+
+def lora_options(**kw) -> FitOptions:
+    params = dict(steps=30, lr=1e-2, train_batch_size=4, eval_every=10, patience=5)
+    params.update(kw.pop("head_params", {}))
+    base = dict(backbone="glm4v-tiny", feature="answer", head="lora", device="cpu", cache_dir=None,
+                progress=False, val_split=0.25, head_params=params)
+    base.update(kw)
+    return FitOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def red_blue(tmp_path_factory) -> Path:
+    return make_red_blue(tmp_path_factory.mktemp("redblue"))
+
+
+@pytest.fixture(scope="module")
+def fitted(red_blue, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "model"
+    return fit(red_blue, out, lora_options())
+
+
+def test_lora_head_learns_separable_task(fitted, red_blue):
+    """≥95% training accuracy within 30 steps on CPU, read back through the saved directory."""
+    paths, labels = all_paths(red_blue)
+    clf = load_classifier(fitted.model_dir, RunOptions(device="cpu", progress=False))
+    rows = clf.predict_paths(paths)
+    acc = np.mean([r.label == y for r, y in zip(rows, labels)])
+    assert acc >= 0.95, acc
+    assert {r.source for r in rows} == {"head"}
+    assert all(r.label in LABELS and 0.0 <= r.p_rain <= 1.0 and r.error is None for r in rows)
+    assert fitted.metrics["train_accuracy"] >= 0.95
+
+
+def test_model_directory_layout_and_metrics(fitted):
+    d = fitted.model_dir
+    assert (d / "adapter" / "adapter_config.json").is_file()
+    assert (d / "adapter" / "adapter_model.safetensors").is_file()
+    assert (d / "score.safetensors").is_file()
+    assert not list(d.rglob("*.bin")) and not list(d.rglob("*.pkl"))
+    config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    assert config["head"] == "lora" and config["feature"] == "answer"
+    assert config["head_params"]["lora_r"] == 8 and config["head_params"]["lora_targets"] == [
+        "q_proj", "k_proj", "v_proj", "o_proj"]
+    adapter = json.loads((d / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "glm4v-tiny"   # not a local path
+    m = fitted.metrics
+    steps = [h["step"] for h in m["history"]]
+    assert steps[0] == 0 and steps[1:] == [10, 20, 30]          # step 0 = before training
+    assert m["best_step"] in steps[1:] and m["precision"] == "fp32"   # step 0 is never kept
+    assert m["validation"]["n"] == m["n_val"] > 0
+
+
+def test_save_load_gives_identical_probabilities(red_blue, tmp_path):
+    """An adapter with non-zero weights: in-memory p_rain == p_rain after save → load_classifier."""
+    import torch
+
+    paths, _ = all_paths(red_blue)
+    paths = paths[::3]
+    backbone = private_backbone("glm4v-tiny", BackboneOptions(device="cpu"))
+    head = build_lora_head(backbone, LoraParams(), -1, DEFAULT_PROMPT, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in head.named_trainable():     # LoRA B starts at zero: make the adapter matter
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    images = [Image.open(p).convert("RGB") for p in paths]
+    p_mem = head.p_rain(images)
+    head.save(tmp_path)
+    write_common_files(tmp_path, ModelConfig(head="lora", backbone=backbone.describe(), feature="answer",
+                                             prompt=DEFAULT_PROMPT, dim=backbone.hidden_size), {})
+    clf = load_classifier(tmp_path, RunOptions(device="cpu", progress=False, batch_size=3))
+    p_load = np.array([r.p_rain for r in clf.predict_paths(paths)])
+    np.testing.assert_allclose(p_load, p_mem, rtol=0, atol=1e-6)
+    assert np.ptp(p_mem) > 1e-4       # the comparison is not between two constants
+    assert isinstance(clf.head, LoraHeadModel)
+
+
+def test_lora_never_touches_a_shared_backbone(tiny_backbone, fitted, red_blue):
+    """get_peft_model works in place: the session's backbone must keep its own, LoRA-free model."""
+    paths, _ = all_paths(red_blue)
+    images = [Image.open(p).convert("RGB") for p in paths[:4]]
+    before = tiny_backbone.embed(images, feature="answer")
+    clf = load_classifier(fitted.model_dir, RunOptions(device="cpu", progress=False))
+    clf.predict_paths(paths[:4])
+    after = tiny_backbone.embed(images, feature="answer")
+    np.testing.assert_array_equal(before, after)
+    assert clf.backbone is not tiny_backbone
+    assert not any("lora_" in n for n, _ in tiny_backbone.load()[0].named_modules())
+
+
+def test_lora_targets_only_language_model_layers_that_run():
+    backbone = private_backbone("glm4v-tiny", BackboneOptions(device="cpu"))
+    head = build_lora_head(backbone, LoraParams(lora_targets=["q_proj", "v_proj"]), 1, DEFAULT_PROMPT)
+    names = [n for n, _ in head.peft_model.named_modules() if n.endswith("lora_A")]
+    assert names, "no LoRA module was created"
+    assert all("language_model.layers.0.self_attn." in n for n in names), names   # --layer 1: layer 0 only
+    assert {n.split(".")[-2] for n in names} == {"q_proj", "v_proj"}
+    assert not any("visual" in n for n, _ in head.peft_model.named_modules() if "lora_" in n)
+
+
+def test_unreadable_file_becomes_error_row(fitted, red_blue, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image at all")
+    good, _ = all_paths(red_blue)
+    clf = load_classifier(fitted.model_dir, RunOptions(device="cpu", progress=False, batch_size=2))
+    rows = clf.predict_paths([good[0], bad, good[-1]])
+    assert [r.error is None for r in rows] == [True, False, True]
+    assert rows[1].label is None and rows[1].p_rain is None and "broken.jpg" in rows[1].error
+    assert rows[0].label in LABELS and rows[2].label in LABELS
+
+
+def test_fit_skips_unreadable_training_images(tmp_path):
+    data = make_red_blue(tmp_path / "data", n_per_class=4)
+    (data / RAIN / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = fit_lora(data, tmp_path / "out", lora_options(val_split=0.0, head_params={"steps": 2}))
+    assert result.metrics["n_skipped"] == 1 and "zz_broken.png" in result.metrics["skipped"][0]
+    assert result.metrics["n_train"] == 8
+    assert result.metrics["selection"].startswith("last step")
+
+
+def test_fp16_is_refused_before_any_work(tmp_path):
+    opts = lora_options(head_params={"precision": "fp16"})
+    with pytest.raises(ValueError) as e:
+        fit_lora(tmp_path / "no-such-data", tmp_path / "out", opts)   # refused before reading data
+    assert str(e.value) == FP16_REFUSAL
+    assert not (tmp_path / "out").exists()
+
+
+def test_params_are_checked():
+    with pytest.raises(ValueError, match="lora-targets"):
+        LoraParams(lora_targets=["vision_proj"])
+    with pytest.raises(ValueError, match="unknown LoRA head parameters"):
+        LoraParams.from_dict({"lora_rank": 4})
+    assert LoraParams.from_dict({"lora_targets": "q_proj, o_proj"}).lora_targets == ["q_proj", "o_proj"]
+
+
+def test_minibatches_cover_each_epoch_once():
+    it = minibatches(10, 4, seed=1)
+    first_epoch = [i for _ in range(2) for i in next(it)]
+    assert len(first_epoch) == len(set(first_epoch)) == 8        # ragged tail dropped, no repeats
+    assert [next(minibatches(10, 4, 1)) for _ in range(2)] == [next(minibatches(10, 4, 1))] * 2
