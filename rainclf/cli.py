@@ -205,13 +205,18 @@ def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, 
     predicted, 1 when none could be, 2 on bad usage or input (see `rainclf --help`).
     """
     from .classifier import RunOptions
+    from .distributed import dist_context
     from .predict import format_rows, predict as run_predict
 
+    if dist_context().is_distributed:  # torchrun / accelerate launch: one shard per process
+        from .distributed import predict_sharded as run_predict
     opts = RunOptions(device=device, batch_size=batch_size, cache_dir=_cache_dir(no_cache, cache_dir),
                       progress=_progress(quiet), backbone=backbone, engine=engine, decoding=decoding,
                       temperature=temperature, top_p=top_p, seed=seed)
     run = run_predict(inputs, model_dir, opts, output=output, fallback=fallback,
                       band=parse_band(band), fallback_decoding=fallback_decoding)
+    if run is None:  # not rank 0: its shard is written; rank 0 merges and reports
+        return
     if output is None:
         click.echo(format_rows(run.rows, "csv"), nl=False)
     for r in run.rows:
@@ -240,14 +245,97 @@ def embed(data, out_file, backbone, feature, layer, prompt, image_size, weights,
           device, batch_size, cache_dir, no_cache, quiet):
     """Write the embeddings of DATA (a labelled dataset or a folder of images) to a safetensors file."""
     from .backbones import DEFAULT_PROMPT, BackboneOptions
+    from .distributed import dist_context
     from .embed_file import embed_to_file
 
+    if dist_context().is_distributed:  # torchrun / accelerate launch: one shard per process
+        from .distributed import embed_sharded as embed_to_file
     result = embed_to_file(data, out_file, backbone, BackboneOptions(
         device=device, image_size=image_size, weights=weights, trust_remote_code=trust_remote_code),
         feature=feature, layer=layer, prompt=prompt or DEFAULT_PROMPT, batch_size=batch_size,
         cache_dir=_cache_dir(no_cache, cache_dir), progress=_progress(quiet))
+    if result is None:  # not rank 0: its shard is written; rank 0 merges and reports
+        return
     click.echo(f"wrote {out_file}: {result['n']} × {result['dim']} ({result['errors']} skipped)"
                + (" — RANDOM-weight backbone" if result["random_weights"] else ""))
+
+
+@main.command("export")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              help="Export folder (written atomically; a previous export there is replaced) [default: MODEL_DIR/onnx].")
+@click.option("--include-backbone", is_flag=True,
+              help="Also export image → label (GLM-4V vision tower [+ prompt prefill] + head) at the model's image size.")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(min=14), help="ONNX opset.")
+def export_cmd(model_dir, out_dir, include_backbone, opset):
+    """Export MODEL_DIR's head (and with --include-backbone the whole image → label path) to ONNX,
+    for `rainclf predict --engine onnx` and the torch-free rainclf.runtime."""
+    from .export import export_onnx
+
+    info = export_onnx(model_dir, out_dir, include_backbone=include_backbone, opset=opset)
+    for name, graph in info["graphs"].items():
+        parity = info["parity"].get(name, {}).get("max_abs_dp")
+        click.echo(f"wrote {Path(info['out_dir']) / graph['file']}: {name} graph, inputs "
+                   f"{', '.join(graph['inputs'])}, batch {graph['batch']}"
+                   + (f", max |Δp_rain| vs torch {parity:.1e}" if parity is not None else ""))
+    for name, reason in info["not_exported"].items():
+        click.echo(f"rainclf: warning: {name} graph not exported: {reason}", err=True)
+
+
+@main.command("evaluate")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--model", "model_dirs", multiple=True, required=True, type=click.Path(),
+              help="Model directory to evaluate (repeat: --model A --model B …).")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Report folder: metrics.json, report.md, report.html, predictions/ (written atomically).")
+@click.option("--fallback", type=click.Path(), default=None,
+              help="Generative model directory: also evaluate each head + this fallback (see --band).")
+@click.option("--band", default="0.35,0.65", show_default=True,
+              help="LO,HI: head p_rain inside [LO, HI] goes to --fallback.")
+@click.option("--fallback-decoding", type=click.Choice(["greedy", "sample", "constrained"]),
+              default="constrained", show_default=True)
+@click.option("--decoding", "decodings", type=click.Choice(["greedy", "sample", "constrained"]), multiple=True,
+              help="Generative models: decoding(s) to evaluate, one report column each (repeat) [default: greedy].")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="--decoding sample only.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="--decoding sample only.")
+@click.option("--seed", default=0, show_default=True, type=int, help="--decoding sample only.")
+@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Generative greedy/sample: longest answer.")
+@click.option("--timing", type=click.Choice(["single", "batch"]), default="single", show_default=True,
+              help="single: each image alone (latency of one request); batch: --batch-size images per call.")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Untimed calls on the first image before timing (model load, caches).")
+@click.option("--no-plots", is_flag=True, help="Reports without plots (no matplotlib needed).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_apply(common_run)
+def evaluate_cmd(data, model_dirs, out_dir, fallback, band, fallback_decoding, decodings, temperature, top_p,
+                 seed, max_new_tokens, timing, warmup, no_plots, overwrite, device, batch_size, cache_dir,
+                 no_cache, quiet):
+    """Run every --model (and each head + --fallback) on the labelled images of DATA; write
+    metrics.json, predictions/<model>.csv, report.md and one self-contained report.html.
+
+    Timings would measure a disk read for cached embeddings, so the embedding cache is used only
+    when --cache-dir is given. Exit status 0 on success, 2 on bad usage or input.
+    """
+    from .classifier import RunOptions
+    from .evaluate import evaluate
+
+    cache = _cache_dir(no_cache or not cache_dir, cache_dir)   # only an explicit --cache-dir
+    opts = RunOptions(device=device, batch_size=batch_size, cache_dir=cache, progress=_progress(quiet),
+                      temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
+    metrics = evaluate(data, list(model_dirs), out_dir, opts, fallback=fallback, band=parse_band(band),
+                       decodings=list(decodings) or None, fallback_decoding=fallback_decoding, timing=timing,
+                       warmup=warmup, overwrite=overwrite, plots=not no_plots)
+    for name, m in metrics["models"].items():
+        acc, ips = m.get("accuracy"), m.get("images_per_s")
+        click.echo(f"{name}: accuracy {acc:.4f}, balanced {m['balanced_accuracy']:.4f}, "
+                   f"{ips or 0:.2f} img/s, p50 {m.get('latency_ms_p50') or 0:.1f} ms"
+                   if acc is not None else f"{name}: no images")
+    click.echo(f"wrote {out_dir}/report.html, report.md, metrics.json, predictions/")
+    if metrics["random_weights"]:
+        click.echo("note: RANDOM-weight backbone — these numbers say nothing about GLM-4V accuracy", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,13 +37,19 @@ def dataset_or_images(data: str | Path) -> tuple[list[Path], list[str] | None, l
 def embed_to_file(data, out_file, backbone_name: str, backbone_options: BackboneOptions | None = None,
                   feature: str = "vision", layer: int = -1, prompt: str = DEFAULT_PROMPT,
                   batch_size: int = 8, cache_dir=None, progress: bool = True) -> dict:
-    from safetensors.numpy import save
-
     paths, labels, problems = dataset_or_images(data)
     backbone = create_backbone(backbone_name, backbone_options)
     cache = open_cache(cache_dir, backbone, feature, layer, prompt)
     res = embed_paths(backbone, paths, feature, layer, prompt, batch_size=batch_size, cache=cache,
                       progress=progress, desc="embed")
+    return write_embed_file(out_file, res, labels, problems, backbone, feature, layer, prompt)
+
+
+def write_embed_file(out_file, res, labels, problems, backbone, feature: str, layer: int, prompt: str) -> dict:
+    """The safetensors file for an ``EmbedResult`` (also what rank 0 writes after merging the
+    shards of a multi-process run, see ``rainclf.distributed``)."""
+    from safetensors.numpy import save
+
     ok = res.ok
     tensors = {"embeddings": np.ascontiguousarray(res.vectors[ok])}
     if labels is not None:

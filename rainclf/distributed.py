@@ -1,0 +1,530 @@
+"""Several processes, one result: rainclf under ``torchrun`` / ``accelerate launch``.
+
+No scheduler here: the launcher starts N copies of the same command and sets RANK, WORLD_SIZE and
+LOCAL_RANK; without them everything is one process, exactly as before.
+
+    dist_context()                       who am I: rank, world size, local rank (from the env)
+    embed_sharded / predict_sharded      ``rainclf embed`` / ``predict`` with N processes: each rank
+                                         writes one shard file, rank 0 merges into the same output
+                                         one process writes (same rows, order and numbers)
+    ensure_process_group, wrap_for_ddp,  training pieces for the LoRA/generative fitters: gradient
+    shard_batch, all_reduce_gradients,   sync through accelerate (DDP) or by hand, gathered
+    gather_for_metrics, broadcast_object, validation, rank-0-only writes
+    main_process_only
+    device_map_kwargs                    from_pretrained kwargs for one model over this node's GPUs
+
+Shards (embed/predict). Inputs are listed in the order one process would use (``find_images`` is
+sorted, a dataset keeps its file order); rank r owns one contiguous block, cut on batch
+boundaries so every batch holds the same images as in a one-process run. Its shard file goes,
+atomically, to ``.shards/<output name>-<run key>/`` beside the output, where the run key hashes
+the inputs (path, size, mtime), the model and the settings. Rank 0 computes its own block, then
+waits for the other files (a file barrier: no process group is needed, and a dead rank leaves
+every finished shard on disk), merges, writes the output and removes the shard folder. A rerun of
+the same command skips every shard that is already there and valid.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .atomic import atomic_file
+
+SHARDS_DIR = ".shards"
+TIMEOUT_ENV = "RAINCLF_SHARD_TIMEOUT"     # seconds rank 0 waits for the other shards
+DEFAULT_TIMEOUT = 6 * 3600.0
+# RunOptions fields that never change a prediction, so they stay out of the run key
+_NOT_IN_KEY = ("device", "progress", "cache_dir", "providers")
+
+
+# --------------------------------------------------------------------------- who am I
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_context(environ=None) -> DistContext:
+    """Rank, world size and local rank as torchrun / accelerate launch set them (one process
+    without them)."""
+    env = os.environ if environ is None else environ
+    try:
+        world = int(env.get("WORLD_SIZE") or 1)
+        rank = int(env.get("RANK") or 0)
+        local = int(env.get("LOCAL_RANK") or rank)
+    except ValueError:
+        raise ValueError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun or "
+                         "accelerate launch)") from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ValueError(f"inconsistent launcher environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}")
+    return DistContext(rank, world, local)
+
+
+def rank_device(requested: str, ctx: DistContext) -> str:
+    """One device per rank: ``auto``/``cuda`` → cuda:LOCAL_RANK when CUDA is there, else cpu."""
+    if not ctx.is_distributed or requested not in ("auto", "cuda"):
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{ctx.local_rank % torch.cuda.device_count()}"
+    return "cpu" if requested == "auto" else requested   # "cuda" without CUDA: the usual error
+
+
+def _log(ctx: DistContext, msg: str, progress: bool) -> None:
+    if progress:
+        print(f"rainclf: [rank {ctx.rank}/{ctx.world_size}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- sharding
+
+def shard_range(n: int, rank: int, world: int, batch_size: int = 1) -> range:
+    """Rank ``rank``'s contiguous block of ``n`` items, cut on multiples of ``batch_size``."""
+    n_batches = -(-n // batch_size)
+    lo, hi = rank * n_batches // world, (rank + 1) * n_batches // world
+    return range(min(lo * batch_size, n), min(hi * batch_size, n))
+
+
+def run_key(kind: str, paths: Sequence[Path], settings: dict) -> str:
+    """Hash of what a run computes: the inputs (path, size, mtime) and every setting."""
+    h = hashlib.sha256(json.dumps({"kind": kind, "settings": settings}, sort_keys=True,
+                                  ensure_ascii=False, default=str).encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        except OSError:
+            h.update(f"{p}\0missing\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
+
+
+def tree_stamp(path) -> list:
+    """(relative path, size, mtime) of every file under a model directory: a refit changes it."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    return [[str(p.relative_to(root) if root.is_dir() else p), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files if p.exists()]
+
+
+class ShardStore:
+    """The shard files of one run, beside its output: ``.shards/<name>-<key>/shard-RRRRR-of-WWWWW``."""
+
+    def __init__(self, output, key: str, world: int, suffix: str):
+        output = Path(output)
+        self.root = output.parent / SHARDS_DIR
+        self.dir = self.root / f"{output.name}-{key}"
+        self.key, self.world, self.suffix, self.output_name = key, world, suffix, output.name
+
+    def path(self, rank: int) -> Path:
+        return self.dir / f"shard-{rank:05d}-of-{self.world:05d}{self.suffix}"
+
+    def write(self, rank: int, data: bytes) -> None:
+        with atomic_file(self.path(rank), "wb") as f:
+            f.write(data)
+
+    def wait(self, ranks: Sequence[int], ready: Callable[[int], bool], timeout: float | None = None) -> None:
+        """Block until ``ready(rank)`` holds for every rank, or fail naming the missing shards."""
+        if timeout is None:
+            timeout = float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT)
+        pending, start, pause = list(ranks), time.monotonic(), 0.05
+        while True:
+            pending = [r for r in pending if not ready(r)]
+            if not pending:
+                return
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(
+                    f"shard(s) {', '.join(map(str, pending))} of {self.world} did not appear in {self.dir} "
+                    f"within {timeout:.0f} s (${TIMEOUT_ENV}); the finished shards are kept: rerun the same "
+                    "command to compute only the missing ones")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 2.0)
+
+    def clean(self) -> None:
+        """Remove this run's shards and stale ones of earlier runs for the same output."""
+        try:
+            entries = list(self.root.iterdir())
+        except OSError:
+            return
+        for d in entries:   # exactly "<output name>-<16 hex>": never another output's shards
+            stem, _, key = d.name.rpartition("-")
+            if stem == self.output_name and len(key) == 16 and all(c in "0123456789abcdef" for c in key):
+                shutil.rmtree(d, ignore_errors=True)
+        try:
+            self.root.rmdir()
+        except OSError:
+            pass   # other outputs in the same folder still have shards
+
+
+# --------------------------------------------------------------------------- sharded embed
+
+def _embed_shard_bytes(ctx, key, paths, res) -> bytes:
+    from safetensors.numpy import save
+
+    meta = {"run_key": key, "rank": str(ctx.rank), "world": str(ctx.world_size),
+            "paths": json.dumps([str(p) for p in paths]),
+            "errors": json.dumps(res.errors), "seconds": f"{res.seconds:.6f}",
+            "n_cached": str(res.n_cached)}
+    return save({"vectors": np.ascontiguousarray(res.vectors, dtype=np.float32)}, metadata=meta)
+
+
+def _read_embed_shard(path: Path, key: str, paths: list[str], with_vectors: bool = True):
+    """(vectors, errors, meta) of an intact shard of this run holding exactly ``paths``; else None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("run_key") != key or json.loads(meta.get("paths", "null")) != paths:
+                return None
+            vectors = f.get_tensor("vectors") if with_vectors else None
+        errors = json.loads(meta["errors"])
+    except Exception:   # missing, half-copied by hand, not safetensors: recompute
+        return None
+    if len(errors) != len(paths) or (vectors is not None and vectors.shape[0] != len(paths)):
+        return None
+    return vectors, errors, meta
+
+
+def embed_sharded(data, out_file, backbone_name: str, backbone_options=None, feature: str = "vision",
+                  layer: int = -1, prompt: str | None = None, batch_size: int = 8, cache_dir=None,
+                  progress: bool = True, ctx: DistContext | None = None, timeout: float | None = None):
+    """``embed_to_file`` with one shard per rank. Returns its summary dict on rank 0 (plus
+    ``shard_seconds`` and ``shards_reused``), None on the other ranks."""
+    from .backbones import DEFAULT_PROMPT, BackboneOptions, create_backbone
+    from .embed_file import dataset_or_images, write_embed_file
+    from .features import EmbedResult, embed_paths, extraction_namespace, open_cache
+
+    ctx = ctx or dist_context()
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    start = time.perf_counter()
+    paths, labels, problems = dataset_or_images(data)
+    options = backbone_options or BackboneOptions()
+    backbone = create_backbone(backbone_name, replace(options, device=rank_device(options.device, ctx)))
+    backbone.check_feature(feature, layer)
+    key = run_key("embed", paths, {"namespace": extraction_namespace(backbone, feature, layer, prompt),
+                                   "batch_size": batch_size})
+    store = ShardStore(out_file, key, ctx.world_size, ".safetensors")
+
+    def block(rank):
+        return [str(paths[i]) for i in shard_range(len(paths), rank, ctx.world_size, batch_size)]
+
+    mine = block(ctx.rank)
+    reused = _read_embed_shard(store.path(ctx.rank), key, mine, with_vectors=False) is not None
+    if reused:
+        _log(ctx, f"shard {ctx.rank} reused ({len(mine)} inputs, from an earlier run)", progress)
+    else:
+        res = embed_paths(backbone, mine, feature, layer, prompt, batch_size=batch_size,
+                          cache=open_cache(cache_dir, backbone, feature, layer, prompt), progress=progress,
+                          desc=f"embed [rank {ctx.rank}]")
+        store.write(ctx.rank, _embed_shard_bytes(ctx, key, mine, res))
+        _log(ctx, f"shard {ctx.rank} computed ({len(mine)} inputs, {res.seconds:.2f} s)", progress)
+    if not ctx.is_main:
+        return None
+    others = range(1, ctx.world_size)
+    store.wait(others, lambda r: _read_embed_shard(store.path(r), key, block(r), False) is not None, timeout)
+    shards = [_read_embed_shard(store.path(r), key, block(r)) for r in range(ctx.world_size)]
+    if any(s is None for s in shards):
+        raise RuntimeError(f"a shard in {store.dir} changed while merging: rerun the same command")
+    vectors = np.concatenate([s[0] for s in shards]) if paths else np.zeros((0, backbone.dim(feature)), np.float32)
+    errors = [e for s in shards for e in s[1]]
+    res = EmbedResult(paths, vectors, errors, sum(int(s[2].get("n_cached", 0)) for s in shards),
+                      time.perf_counter() - start)
+    result = write_embed_file(out_file, res, labels, problems, backbone, feature, layer, prompt)
+    store.clean()
+    result.update(shard_seconds=[float(s[2]["seconds"]) for s in shards], shards_reused=reused)
+    return result
+
+
+# --------------------------------------------------------------------------- sharded predict
+
+def _row_dict(r) -> dict:
+    return {"path": r.path, "label": r.label, "p_rain": r.p_rain, "source": r.source, "error": r.error,
+            "extra": r.extra}
+
+
+def _read_predict_shard(path: Path, key: str, paths: list[str]) -> dict | None:
+    try:
+        shard = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(shard, dict) or shard.get("run_key") != key or shard.get("paths") != paths \
+            or len(shard.get("rows", ())) != len(paths):
+        return None
+    return shard
+
+
+class _MergedRows:
+    """Stands in for the classifier on rank 0: answers with the merged shard rows, so the output
+    is written by the very same ``predict`` code as in one process."""
+
+    def __init__(self, rows, paths: list[str], random_weights: bool, notes: list[str]):
+        self.rows, self.paths, self.notes = rows, paths, notes
+        self.config = SimpleNamespace(backbone={"random_weights": random_weights})
+
+    def predict_paths(self, paths):
+        if [str(p) for p in paths] != self.paths:
+            raise RuntimeError("the input folder changed while the shards were computed: rerun the command")
+        return self.rows
+
+
+def predict_sharded(inputs, model_dir, options=None, output=None, classifier=None, fallback=None,
+                    band: tuple[float, float] = (0.35, 0.65), fallback_decoding: str = "constrained",
+                    ctx: DistContext | None = None, timeout: float | None = None):
+    """``predict`` with one shard per rank (same signature). Returns the PredictRun on rank 0,
+    None on the other ranks. Needs ``output``: the shards are kept beside it."""
+    from .classifier import Row, RunOptions
+    from .images import find_images
+    from .predict import output_format, predict
+
+    ctx = ctx or dist_context()
+    options = options or RunOptions()
+    if output is None:
+        raise ValueError(f"with {ctx.world_size} processes pass -o FILE (.csv or .jsonl): each process "
+                         "writes a shard beside it and rank 0 merges them there")
+    output_format(output)
+    start = time.perf_counter()
+    if isinstance(inputs, (str, Path)):
+        paths, _ = find_images(inputs)
+    else:
+        paths = [Path(p) for p in inputs]
+    settings = {"model": tree_stamp(model_dir),
+                "fallback": tree_stamp(fallback) if fallback else None, "band": list(band),
+                "fallback_decoding": fallback_decoding,
+                "options": {k: v for k, v in asdict(options).items() if k not in _NOT_IN_KEY}}
+    key = run_key("predict", paths, settings)
+    store = ShardStore(output, key, ctx.world_size, ".json")
+
+    def block(rank):
+        return [str(paths[i]) for i in shard_range(len(paths), rank, ctx.world_size, options.batch_size)]
+
+    mine = block(ctx.rank)
+    reused = _read_predict_shard(store.path(ctx.rank), key, mine) is not None
+    if reused:
+        _log(ctx, f"shard {ctx.rank} reused ({len(mine)} images, from an earlier run)", options.progress)
+    else:
+        shard = {"run_key": key, "rank": ctx.rank, "world": ctx.world_size, "paths": mine, "rows": [],
+                 "random_weights": False, "notes": []}
+        if mine:
+            t0 = time.perf_counter()
+            opts = replace(options, device=rank_device(options.device, ctx))
+            run = predict(mine, model_dir, opts, classifier=classifier, fallback=fallback, band=band,
+                          fallback_decoding=fallback_decoding)
+            shard.update(rows=[_row_dict(r) for r in run.rows], random_weights=run.summary.random_weights,
+                         notes=run.summary.notes, seconds=time.perf_counter() - t0)
+        store.write(ctx.rank, json.dumps(shard).encode("ascii"))  # ASCII: survives non-UTF-8 names
+        _log(ctx, f"shard {ctx.rank} computed ({len(mine)} images)", options.progress)
+    if not ctx.is_main:
+        return None
+    store.wait(range(1, ctx.world_size),
+               lambda r: _read_predict_shard(store.path(r), key, block(r)) is not None, timeout)
+    shards = [_read_predict_shard(store.path(r), key, block(r)) for r in range(ctx.world_size)]
+    if any(s is None for s in shards):
+        raise RuntimeError(f"a shard in {store.dir} changed while merging: rerun the same command")
+    rows = [Row(**d) for s in shards for d in s["rows"]]
+    notes = list(dict.fromkeys(n for s in shards for n in s["notes"]))
+    merged = _MergedRows(rows, [str(p) for p in paths], any(s["random_weights"] for s in shards), notes)
+    run = predict(inputs, model_dir, options, output=output, classifier=merged)
+    run.summary.seconds = time.perf_counter() - start
+    store.clean()
+    return run
+
+
+# --------------------------------------------------------------------------- training (DDP)
+
+def ensure_process_group() -> DistContext:
+    """Join the launcher's process group once (nccl on CUDA, gloo on CPU, through accelerate);
+    nothing to do for one process."""
+    ctx = dist_context()
+    if ctx.is_distributed:
+        import torch
+
+        # accelerate only uses gloo when told the run is CPU-only; otherwise it would silently
+        # fall back to one process on a machine without CUDA
+        _accelerate().PartialState(cpu=not torch.cuda.is_available())
+    return ctx
+
+
+def _accelerate():
+    try:
+        import accelerate
+    except ImportError:
+        raise ImportError("multi-process training needs accelerate: pip install accelerate") from None
+    return accelerate
+
+
+def _group_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap_for_ddp(model, optimizer, dataloader=None, **accelerator_kwargs):
+    """(accelerator, model, optimizer, dataloader) prepared by ``accelerate.Accelerator``: the
+    model in DDP (gradients all-reduced in ``accelerator.backward``), the dataloader sharded per
+    rank. The forward pass must go through the returned model: DDP syncs gradients only for
+    forwards it saw (calling ``model.module`` or a submodule directly trains each rank alone)."""
+    import torch
+
+    accelerator_kwargs.setdefault("cpu", not torch.cuda.is_available())
+    accelerator = _accelerate().Accelerator(**accelerator_kwargs)
+    if dataloader is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    return accelerator, model, optimizer, dataloader
+
+
+def shard_batch(indices: Sequence[int], ctx: DistContext | None = None) -> list[int]:
+    """This rank's contiguous part of a global batch (all ranks draw the same global batch)."""
+    ctx = ctx or dist_context()
+    return [indices[i] for i in shard_range(len(indices), ctx.rank, ctx.world_size)]
+
+
+def all_reduce_gradients(params, local_count: int | None = None) -> None:
+    """Average ``.grad`` over ranks, by hand (for loops whose forward bypasses a DDP wrapper).
+    With ``local_count`` (examples behind this rank's loss) ranks are weighted by it, so the
+    result is the gradient of the mean loss over the global batch even for unequal parts."""
+    import torch
+    import torch.distributed as dist
+
+    if not _group_ready():
+        return
+    params = [p for p in params if p.requires_grad]
+    world = dist.get_world_size()
+    if local_count is None:
+        weight = 1.0 / world
+    else:
+        total = torch.tensor([float(local_count)], dtype=torch.float64, device=params[0].device)
+        dist.all_reduce(total)
+        weight = float(local_count) / float(total.item())
+    for dtype in sorted({p.dtype for p in params}, key=str):     # one all_reduce per dtype
+        group = [p for p in params if p.dtype == dtype]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        flat.mul_(weight)
+        dist.all_reduce(flat)
+        offset = 0
+        for p in group:
+            g = flat[offset:offset + p.numel()].view_as(p)
+            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+            offset += p.numel()
+
+
+def broadcast_parameters(params, src: int = 0) -> None:
+    """Make every rank start from rank ``src``'s weights (DDP does this when it wraps a model)."""
+    import torch.distributed as dist
+
+    if _group_ready():
+        for p in params:
+            dist.broadcast(p.data, src)
+
+
+def mean_across_ranks(value: float) -> float:
+    """Mean of a Python number over ranks (e.g. the loss of equal per-rank batches, for logging)."""
+    if not _group_ready():
+        return float(value)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def gather_for_metrics(values, accelerator=None):
+    """Every rank's ``values`` (array, tensor or list), concatenated in rank order, on every rank.
+    With an accelerator: ``accelerator.gather_for_metrics`` (drops the sampler's padding)."""
+    if accelerator is not None:
+        return accelerator.gather_for_metrics(values)
+    if not _group_ready():
+        return values
+    import torch
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    moved = values.detach().cpu() if isinstance(values, torch.Tensor) else values
+    dist.all_gather_object(parts, moved)
+    if isinstance(values, torch.Tensor):
+        return torch.cat(parts).to(values.device)
+    if isinstance(values, np.ndarray):
+        return np.concatenate(parts)
+    return [v for part in parts for v in part]
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank: for decisions all ranks must take alike (early
+    stopping on a validation each rank ran itself: a one-ulp difference must not split them)."""
+    if not _group_ready():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def barrier() -> None:
+    if _group_ready():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def main_process_only(fn):
+    """Decorator: the body runs on rank 0 only (e.g. writing the model directory); every rank
+    then waits until it is done. Other ranks get None. All ranks must call it."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        result = fn(*args, **kwargs) if dist_context().is_main else None
+        barrier()
+        return result
+    return wrapper
+
+
+# --------------------------------------------------------------------------- big models
+
+def device_map_kwargs(max_memory_fraction: float = 0.9, gpu_free_bytes: Sequence[int] | None = None,
+                      cpu_offload_bytes: int | None = None, ctx: DistContext | None = None) -> dict:
+    """``from_pretrained`` kwargs placing one model on this node's GPUs.
+
+    One process: ``device_map="auto"`` with a ``max_memory`` budget per GPU (fraction of its free
+    memory), so a model too large for one card is split layer by layer across all of them
+    (pipeline-style: one GPU busy at a time — it is for fitting, not speed). Under torchrun each
+    rank keeps a whole copy on its own GPU (``{"": local_rank}``). No GPU: {} (plain CPU load).
+    ``gpu_free_bytes`` overrides the measured free memory (tests, or to leave room)."""
+    ctx = ctx or dist_context()
+    if gpu_free_bytes is None:
+        import torch
+
+        gpu_free_bytes = ([torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+                          if torch.cuda.is_available() else [])
+    if not gpu_free_bytes:
+        return {}
+    if ctx.is_distributed:
+        return {"device_map": {"": ctx.local_rank % len(gpu_free_bytes)}}
+    max_memory: dict = {i: f"{int(b * max_memory_fraction) // 2**20}MiB" for i, b in enumerate(gpu_free_bytes)}
+    if cpu_offload_bytes:
+        max_memory["cpu"] = f"{int(cpu_offload_bytes) // 2**20}MiB"
+    return {"device_map": "auto", "max_memory": max_memory}

@@ -1,0 +1,382 @@
+"""rainclf.distributed: sharded embed/predict under torchrun and DDP training pieces, on the CPU
+with the gloo backend and 2 processes.
+
+The torchrun tests start real launchers (``python -m torch.distributed.run --nproc-per-node 2``)
+in a subprocess; each costs ~15-30 s here, mostly torch imports. The file is also the DDP worker:
+``torchrun ... tests/test_distributed.py ddp OUT_DIR`` trains on 2 ranks and, on rank 0, the same
+model in one process with the doubled batch, and writes both loss curves to OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import write_class_folders
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], cache_dir: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               RAINCLF_CACHE_DIR=str(cache_dir), RAINCLF_SHARD_TIMEOUT="180")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port())] + args
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A labelled dataset (13 images: not a multiple of the batch) + an unlabelled folder with a
+    broken file, and a linear model fitted on the dataset."""
+    from rainclf.fit import FitOptions, fit
+
+    root = tmp_path_factory.mktemp("dist")
+    train = write_class_folders(root / "train", n_per_class=7)
+    (train / "会下雨" / "006.jpg").unlink()
+    photos = root / "photos"
+    photos.mkdir()
+    for i, p in enumerate(sorted(train.rglob("*.jpg"))):
+        (photos / f"p{i:02d}.jpg").write_bytes(p.read_bytes())
+    (photos / "p05.jpg").write_bytes(b"not a jpeg")   # an error row in the middle of shard 0
+    model = root / "model"
+    fit(train, model, FitOptions(val_split=0.0, C=1.0, cache_dir=None, progress=False, device="cpu"))
+    return {"root": root, "train": train, "photos": photos, "model": model}
+
+
+def ctx(rank, world=2):
+    from rainclf.distributed import DistContext
+
+    return DistContext(rank=rank, world_size=world, local_rank=rank)
+
+
+def run_opts(**kw):
+    from rainclf.classifier import RunOptions
+
+    return RunOptions(device="cpu", progress=False, batch_size=4, **kw)
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+def test_dist_context_reads_the_launcher_environment():
+    from rainclf.distributed import dist_context
+
+    assert dist_context({}) == ctx(0, 1)
+    assert not dist_context({}).is_distributed
+    c = dist_context({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
+    assert (c.rank, c.world_size, c.local_rank, c.is_main, c.is_distributed) == (3, 8, 1, False, True)
+    for bad in ({"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"}):
+        with pytest.raises(ValueError):
+            dist_context(bad)
+
+
+@pytest.mark.parametrize("n,world,batch", [(13, 2, 4), (3, 4, 1), (0, 2, 8), (100, 3, 8), (7, 2, 1)])
+def test_shards_are_disjoint_contiguous_and_batch_aligned(n, world, batch):
+    from rainclf.distributed import shard_range
+
+    blocks = [shard_range(n, r, world, batch) for r in range(world)]
+    assert [i for b in blocks for i in b] == list(range(n))       # rank order = input order
+    for b in blocks[:-1]:
+        assert b.stop % batch == 0 or b.stop == n                  # same batches as one process
+
+
+def test_rank_device_on_cpu():
+    from rainclf.distributed import rank_device
+
+    assert rank_device("auto", ctx(1)) == "cpu"
+    assert rank_device("cpu", ctx(1)) == "cpu"
+    assert rank_device("auto", ctx(0, 1)) == "auto"                 # one process: unchanged
+
+
+def test_device_map_kwargs():
+    from rainclf.distributed import device_map_kwargs
+
+    assert device_map_kwargs(gpu_free_bytes=[], ctx=ctx(0, 1)) == {}
+    kw = device_map_kwargs(0.5, gpu_free_bytes=[80 * 2**30, 40 * 2**30], ctx=ctx(0, 1))
+    assert kw == {"device_map": "auto", "max_memory": {0: "40960MiB", 1: "20480MiB"}}
+    assert device_map_kwargs(gpu_free_bytes=[1, 1], cpu_offload_bytes=2**30, ctx=ctx(0, 1))["max_memory"]["cpu"] == "1024MiB"
+    assert device_map_kwargs(gpu_free_bytes=[1, 1], ctx=ctx(1, 2)) == {"device_map": {"": 1}}
+
+
+def test_training_helpers_are_no_ops_in_one_process():
+    import torch
+
+    from rainclf.distributed import (all_reduce_gradients, broadcast_object, gather_for_metrics,
+                                     main_process_only, mean_across_ranks, shard_batch)
+
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    all_reduce_gradients([p])
+    assert p.grad.tolist() == [2.0, 2.0, 2.0]
+    assert mean_across_ranks(1.5) == 1.5
+    assert gather_for_metrics([1, 2]) == [1, 2]
+    assert shard_batch([5, 6, 7, 8], ctx(1)) == [7, 8]
+    assert main_process_only(lambda: 42)() == 42
+    assert broadcast_object({"a": 1}) == {"a": 1}
+
+
+# --------------------------------------------------------------------------- shards, in process
+
+def test_embed_shards_merge_to_the_single_process_file(data, tmp_path):
+    """Rank 1 then rank 0 in this process (a file barrier needs no process group); a damaged
+    shard left by an earlier run is recomputed, not trusted."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from rainclf.distributed import SHARDS_DIR, embed_sharded
+    from rainclf.embed_file import embed_to_file
+
+    single, merged = tmp_path / "single.safetensors", tmp_path / "merged.safetensors"
+    embed_to_file(data["train"], single, "glm4v-tiny", batch_size=4, progress=False)
+    kw = dict(backbone_name="glm4v-tiny", batch_size=4, progress=False, timeout=0)
+    assert embed_sharded(data["train"], merged, ctx=ctx(1), **kw) is None
+    (shard1,) = (tmp_path / SHARDS_DIR).rglob("shard-00001-of-00002.safetensors")
+    shard1.write_bytes(b"half a file")
+    with pytest.raises(TimeoutError, match="rerun the same command"):
+        embed_sharded(data["train"], merged, ctx=ctx(0), **kw)         # shard 1 is not usable
+    assert embed_sharded(data["train"], merged, ctx=ctx(1), **kw) is None
+    result = embed_sharded(data["train"], merged, ctx=ctx(0), **kw)
+    assert result["n"] == 13 and result["shards_reused"]             # rank 0's shard from the failed try
+    a, b = load_file(single), load_file(merged)
+    np.testing.assert_array_equal(a["embeddings"], b["embeddings"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    with safe_open(str(single), "np") as fa, safe_open(str(merged), "np") as fb:
+        assert fa.metadata() == fb.metadata()                          # paths, skipped, namespace
+    assert not (tmp_path / SHARDS_DIR).exists()                        # cleaned after the merge
+
+
+def test_predict_rerun_reuses_finished_shards(data, tmp_path):
+    """Rank 1 finished, rank 0 died: the rerun computes shard 0 only. Proof: a marker put into
+    shard 1's rows shows up in the merged output."""
+    from rainclf.distributed import SHARDS_DIR, predict_sharded
+    from rainclf.predict import predict
+
+    out = tmp_path / "rows.jsonl"
+    single = predict(data["photos"], data["model"], run_opts()).rows
+    assert predict_sharded(data["photos"], data["model"], run_opts(), output=out, ctx=ctx(1)) is None
+    (shard1,) = (tmp_path / SHARDS_DIR).rglob("shard-00001-of-00002.json")
+    shard = json.loads(shard1.read_text())
+    shard["rows"][0]["extra"] = {"marker": "from the first run"}
+    shard1.write_text(json.dumps(shard))
+    stale, foreign = (tmp_path / SHARDS_DIR / f"{name}-0123456789abcdef" for name in ("rows.jsonl", "rows.jsonl-2.csv"))
+    stale.mkdir(), foreign.mkdir()                  # an earlier run's leftovers / another output's shards
+    run = predict_sharded(data["photos"], data["model"], run_opts(), output=out, ctx=ctx(0), timeout=0)
+    rows = rows_of(out)
+    assert [r["path"] for r in rows] == [r.path for r in single]
+    assert [r["label"] for r in rows] == [r.label for r in single]
+    assert [r["p_rain"] for r in rows] == [r.p_rain for r in single]
+    assert rows[8]["marker"] == "from the first run"          # 13 inputs, batch 4: shard 1 = [8, 13)
+    assert "marker" not in rows[7] and run.summary.predicted == 12 and run.summary.errors == 1
+    assert sorted(p.name for p in (tmp_path / SHARDS_DIR).iterdir()) == [foreign.name]
+
+
+def test_predict_sharded_needs_an_output_file(data):
+    from rainclf.distributed import predict_sharded
+
+    with pytest.raises(ValueError, match="pass -o"):
+        predict_sharded(data["photos"], data["model"], run_opts(), ctx=ctx(0))
+
+
+# --------------------------------------------------------------------------- torchrun, 2 processes
+
+def test_torchrun_embed_equals_one_process(data, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from rainclf.embed_file import embed_to_file
+
+    single, merged = tmp_path / "single.safetensors", tmp_path / "merged.safetensors"
+    embed_to_file(data["train"], single, "glm4v-tiny", batch_size=4, progress=False)
+    proc = torchrun(["-m", "rainclf.cli", "embed", str(data["train"]), "-o", str(merged), "--batch-size", "4",
+                     "--device", "cpu"], tmp_path / "cache")
+    assert proc.stdout.count("wrote") == 1 and "13 × 64" in proc.stdout   # rank 0 reports, rank 1 is silent
+    a, b = load_file(single), load_file(merged)
+    np.testing.assert_allclose(b["embeddings"], a["embeddings"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    with safe_open(str(single), "np") as fa, safe_open(str(merged), "np") as fb:
+        assert json.loads(fa.metadata()["paths"]) == json.loads(fb.metadata()["paths"])
+
+
+def test_torchrun_predict_equals_one_process_and_resumes(data, tmp_path):
+    """Shard 0 pre-made by a 'rank 0 that died waiting'; torchrun computes only shard 1."""
+    from rainclf.distributed import predict_sharded
+    from rainclf.predict import predict
+
+    out = tmp_path / "rows.csv"
+    single = tmp_path / "single.csv"
+    predict(str(data["photos"]), data["model"], run_opts(), output=single)
+    with pytest.raises(TimeoutError):
+        predict_sharded(str(data["photos"]), str(data["model"]), run_opts(), output=out, ctx=ctx(0), timeout=0)
+    proc = torchrun(["-m", "rainclf.cli", "predict", str(data["photos"]), "--model", str(data["model"]),
+                     "-o", str(out), "--batch-size", "4", "--no-cache"], tmp_path / "cache")
+    assert "[rank 0/2] shard 0 reused" in proc.stderr
+    assert "[rank 1/2] shard 1 computed" in proc.stderr
+    assert "shard 0 computed" not in proc.stderr
+    assert proc.stderr.count("12 predicted") == 1
+    assert out.read_text(encoding="utf-8") == single.read_text(encoding="utf-8")
+    assert not (tmp_path / ".shards").exists()
+
+
+@pytest.fixture(scope="module")
+def ddp_curves(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun([str(Path(__file__)), "ddp", str(out)], out / "cache", timeout=300)
+    return json.loads((out / "rank0.json").read_text()), json.loads((out / "rank1.json").read_text())
+
+
+def test_ddp_linear_through_accelerate_matches_doubled_batch(ddp_curves):
+    r0, r1 = ddp_curves
+    lin = r0["linear"]
+    assert len(lin["ddp"]) == len(lin["single"]) == 8
+    np.testing.assert_allclose(lin["ddp"], lin["single"], rtol=1e-5)
+    assert r1["linear"]["ddp"] == lin["ddp"]                            # every rank logs the global loss
+    np.testing.assert_allclose(lin["gathered_p"], lin["single_p"], rtol=1e-5)   # 10 rows: padding dropped
+    assert r0["weights_equal"] and r1["weights_equal"]                   # DDP kept the replicas in step
+    assert r1["saw_main_file"]                                          # main_process_only + barrier
+    assert r0["agreed"] == r1["agreed"] == {"from": 0}                  # broadcast_object
+
+
+def test_ddp_lora_head_matches_doubled_batch(ddp_curves):
+    r0, _ = ddp_curves
+    if r0["lora"] is None:
+        pytest.skip(f"LoRA head unavailable: {r0['lora_error']}")
+    lora = r0["lora"]
+    assert len(lora["ddp"]) == len(lora["single"]) == 4
+    np.testing.assert_allclose(lora["ddp"], lora["single"], rtol=1e-4)
+    assert lora["ddp"][-1] < lora["ddp"][0]                              # it trained
+
+
+# --------------------------------------------------------------------------- the DDP worker
+
+def _linear_curves(ctx_, steps: int = 8, per_rank: int = 4) -> dict:
+    """Logistic score on fixed embeddings: DDP via accelerate vs one process, doubled batch."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from rainclf.distributed import gather_for_metrics, mean_across_ranks, wrap_for_ddp
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(64, 16, generator=g), torch.randint(0, 2, (64,), generator=g)
+    Xv = torch.randn(10, 16, generator=g)
+
+    def fresh():
+        torch.manual_seed(1)
+        model = torch.nn.Linear(16, 2)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.05)
+
+    model, opt = fresh()
+    train = DataLoader(TensorDataset(X, y), batch_size=per_rank, shuffle=False)
+    acc, model, opt, train = wrap_for_ddp(model, opt, train)
+    val = acc.prepare(DataLoader(TensorDataset(Xv), batch_size=per_rank))
+    ddp = []
+    for step, (xb, yb) in zip(range(steps), train):
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        acc.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        ddp.append(mean_across_ranks(loss.item()))
+    with torch.no_grad():
+        p = torch.cat([gather_for_metrics(torch.softmax(model(xb), -1)[:, 1], acc) for (xb,) in val])
+    w = acc.unwrap_model(model).weight.detach()
+    same = gather_for_metrics(w.reshape(1, -1))
+    out = {"ddp": ddp, "gathered_p": p.tolist(), "weights_equal": bool(torch.equal(same[0], same[1]))}
+    if ctx_.is_main:   # the reference: one process, batch 2 × per_rank, same init and order
+        model, opt = fresh()
+        single = []
+        for step, (xb, yb) in zip(range(steps), DataLoader(TensorDataset(X, y), batch_size=2 * per_rank)):
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            single.append(loss.item())
+        with torch.no_grad():
+            out.update(single=single, single_p=torch.softmax(model(Xv), -1)[:, 1].tolist())
+    return out
+
+
+def _lora_curves(ctx_, steps: int = 4, per_rank: int = 2) -> dict:
+    """The LoRA head on glm4v-tiny, trained the way ``train_loop`` would with the hand-made sync
+    (its forward goes around any DDP wrapper): same global batch on every rank, each rank its
+    half, gradients all-reduced before the step."""
+    import torch
+
+    from helpers import solid_images
+    from rainclf.backbones import BackboneOptions
+    from rainclf.distributed import all_reduce_gradients, mean_across_ranks, shard_batch
+    from rainclf.heads.lora import build_lora_head
+    from rainclf.heads.lora_common import LoraParams, private_backbone
+
+    params = LoraParams(lora_r=4, lora_dropout=0.0, lr=5e-3, train_batch_size=per_rank)
+    images = solid_images(8, seed=3)
+    labels = torch.tensor([0, 1] * 4)
+    batches = [[(2 * per_rank * s + i) % 8 for i in range(2 * per_rank)] for s in range(steps)]
+
+    def run(sync: bool):
+        backbone = private_backbone("glm4v-tiny", BackboneOptions(device="cpu"), -1)
+        head = build_lora_head(backbone, params, -1, "会下雨吗？", seed=0)
+        trainable = [p for _, p in head.named_trainable()]
+        opt = torch.optim.AdamW(trainable, lr=params.lr)
+        for m in head.modules:
+            m.train()
+        curve = []
+        for batch in batches:
+            idx = shard_batch(batch, ctx_) if sync else batch
+            loss = torch.nn.functional.cross_entropy(head.logits([images[i] for i in idx]), labels[idx])
+            loss.backward()
+            if sync:
+                all_reduce_gradients(trainable)
+            opt.step()
+            opt.zero_grad()
+            curve.append(mean_across_ranks(loss.item()) if sync else loss.item())
+        return curve
+
+    out = {"ddp": run(sync=True)}
+    if ctx_.is_main:
+        out["single"] = run(sync=False)
+    return out
+
+
+def _ddp_worker(out_dir: Path) -> None:
+    from rainclf.distributed import broadcast_object, ensure_process_group, main_process_only
+
+    ctx_ = ensure_process_group()
+    result = {"linear": _linear_curves(ctx_)}
+    result["weights_equal"] = result["linear"].pop("weights_equal")
+    marker = out_dir / "written-by-main"
+    main_process_only(lambda: marker.write_text("rank 0"))()
+    result["saw_main_file"] = marker.is_file()
+    result["agreed"] = broadcast_object({"from": ctx_.rank})
+    try:
+        result["lora"], result["lora_error"] = _lora_curves(ctx_), None
+    except ImportError as e:   # heads/lora.py is optional (peft)
+        result["lora"], result["lora_error"] = None, str(e)
+    (out_dir / f"rank{ctx_.rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["ddp"]:
+        _ddp_worker(Path(sys.argv[2]))
