@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .backbones import Backbone, BackboneOptions, create_backbone
-from .features import embed_paths, open_cache
+from .features import embed_paths, extraction_namespace, open_cache
 from .labels import LABELS
-from .model_dir import ModelConfig, ModelDirError, check_backbone, read_config
+from .model_dir import ModelConfig, ModelDirError, check_backbone, check_extraction, read_config
 
 ROW_FIELDS = ("path", "label", "p_rain", "source", "error")
 
@@ -79,12 +79,16 @@ class LinearClassifier:
         self.head = LinearHead.load(model_dir)
         if config.dim is not None and self.head.n_features_in_ != config.dim:
             raise ModelDirError(f"{model_dir}: head.safetensors expects {self.head.n_features_in_}-d "
-                                f"embeddings but config.json says {config.dim}: the directory is damaged")
+                                f"embeddings but config.json says {config.dim}: the directory is damaged "
+                                "— restore it or refit")
         self.backbone = backbone_for(config, model_dir, options)
         if self.backbone.dim(config.feature) != self.head.n_features_in_:
             raise ModelDirError(f"{model_dir}: head expects {self.head.n_features_in_}-d embeddings, "
                                 f"backbone {self.backbone.name} gives {self.backbone.dim(config.feature)}-d "
-                                f"for feature {config.feature!r}")
+                                f"for feature {config.feature!r} — the head was trained on another backbone "
+                                "or feature: use that one or refit with this backbone")
+        check_extraction(self.head.trained_on_, extraction_namespace(
+            self.backbone, config.feature, config.layer, config.prompt or ""), model_dir)
 
     def embed(self, paths: Sequence[Path]):
         o, c = self.options, self.config

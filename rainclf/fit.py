@@ -7,6 +7,7 @@ model directory atomically. LoRA and generative heads plug in through ``FITTERS`
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 from .atomic import atomic_dir
 from .backbones import DEFAULT_PROMPT, BackboneOptions, create_backbone, default_cache_dir
 from .data import Example, check_trainable, load_dataset, stratified_split
-from .features import embed_paths, open_cache
+from .features import embed_paths, extraction_namespace, open_cache
 from .labels import LABELS, label_to_index
 from .metrics import classification_metrics
 from .model_dir import ModelConfig, write_common_files
@@ -140,7 +141,10 @@ def fit_linear(data, out_dir, options: FitOptions) -> FitResult:
                          dim=int(X.shape[1]), threshold=threshold,
                          head_params={"C": head.C_, "class_weight": options.class_weight})
     with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
-        head.save(tmp)
+        # recorded in the head too, so a head copied into another directory or an edited
+        # config.json is caught at load time (classifier.py), even when the dimensions agree
+        namespace = extraction_namespace(backbone, options.feature, options.layer, options.prompt)
+        head.save(tmp, metadata={"extraction": json.dumps(namespace, sort_keys=True, ensure_ascii=False)})
         write_common_files(tmp, config, metrics)
     return FitResult(Path(out_dir), metrics, config)
 

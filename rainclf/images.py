@@ -203,6 +203,9 @@ def decode_image(data: bytes, path: str | os.PathLike) -> Image.Image:
         # should refuse the file, not decode 200 megapixels.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's UserWarnings about broken metadata ("Tag data larger than file") would be
+            # stray stderr lines that name no file; the pixels are used as they are, silently.
+            warnings.simplefilter("ignore", UserWarning)
             with Image.open(io.BytesIO(data), formats=_open_formats()) as im:
                 fmt = im.format or fmt
                 # Again by hand: catch_warnings is process-wide, another thread may have reset it.

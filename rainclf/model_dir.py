@@ -120,6 +120,22 @@ def check_backbone(config: ModelConfig, backbone, model_dir: str | Path) -> None
                             f"the backbone is set to {backbone.image_size}: drop --image-size")
 
 
+def check_extraction(trained_on: dict | None, expected: dict, model_dir: str | Path) -> None:
+    """Refuse a head whose recorded extraction setting (``features.extraction_namespace`` at fit
+    time) differs from what config.json + the backbone give now: an edited config.json or a head
+    copied from another model would otherwise predict silently on the wrong embeddings."""
+    if trained_on is None:
+        return  # written before heads recorded it: the dimension checks are all there is
+    diff = sorted(k for k in set(trained_on) | set(expected) if trained_on.get(k) != expected.get(k))
+    if diff:
+        def show(ns: dict) -> str:
+            return ", ".join(f"{k} {str(ns.get(k))[:12] if k == 'backbone' else ns.get(k)!r}" for k in diff)
+
+        raise ModelDirError(f"{model_dir}: config.json and the backbone give {show(expected)}, but the head "
+                            f"was trained on {show(trained_on)} — the files do not belong together "
+                            "(edited or copied): restore the original config.json or refit")
+
+
 def model_card(config: ModelConfig, metrics: dict) -> str:
     b = config.backbone
     lines = [f"# rainclf classifier ({config.head} head)", ""]

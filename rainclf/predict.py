@@ -86,7 +86,10 @@ def predict(inputs: str | Path | Sequence[str | Path], model_dir: str | Path,
         paths, problems = [Path(p) for p in inputs], []
     clf = classifier or open_classifier(model_dir, options, fallback, band, fallback_decoding)
     rows = clf.predict_paths(paths)
-    rows += [Row(path=describe_path(p), error=msg) for p, msg in problems]
+    # the error names the file, like the ImageError lines of unreadable images do
+    rows += [Row(path=describe_path(p), error=f"{describe_path(p)}: {msg}") for p, msg in problems]
+    for r in rows:  # a non-UTF-8 name would make the UTF-8 CSV/JSONL writer fail: show it as \xff
+        r.path = describe_path(r.path)
     seconds = time.perf_counter() - start
     counts: dict[str, int] = {}
     for r in rows:

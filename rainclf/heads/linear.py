@@ -85,7 +85,8 @@ class LinearHead:
         return np.where(self.predict_proba(X)[:, 1] >= threshold, LABELS[1], LABELS[0])
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """``metadata``: extra strings for the file header (fit records the extraction here)."""
         from safetensors.numpy import save_file
 
         self._check_fitted()
@@ -93,7 +94,8 @@ class LinearHead:
                    "mean": self.mean_.astype(np.float64), "scale": self.scale_.astype(np.float64)},
                   str(Path(directory) / HEAD_FILE),
                   metadata={"head": "linear", "C": repr(self.C_),
-                            "params": json.dumps({"class_weight": self.class_weight, "cv": self.cv})})
+                            "params": json.dumps({"class_weight": self.class_weight, "cv": self.cv}),
+                            **(metadata or {})})
 
     @classmethod
     def load(cls, directory: str | Path) -> "LinearHead":
@@ -110,6 +112,8 @@ class LinearHead:
         head.coef_, head.mean_, head.scale_ = t["coef"], t["mean"], t["scale"]
         head.intercept_ = float(t["intercept"][0])
         head.C_ = float(meta.get("C", "nan"))
+        # what the embeddings were extracted with (features.extraction_namespace); None if not recorded
+        head.trained_on_ = json.loads(meta["extraction"]) if "extraction" in meta else None
         head.n_features_in_ = head.coef_.shape[0]
         head.classes_ = np.array(LABELS)
         return head
