@@ -1,0 +1,216 @@
+"""rainclf.evaluate on glm4v-tiny (random weights): every model given gets a column, the numbers in
+report.md are those of metrics.json, predictions/<model>.csv has one row per image, an unreadable
+image counts as wrong, and the ``rainclf evaluate`` command. Metric formulas themselves are tested
+in test_metrics.py; the HTML/markdown rendering in test_report.py."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from rainclf.cli import main
+from rainclf.report import MISSING, SECTIONS
+
+from helpers import write_class_folders
+
+HAS_LORA = importlib.util.find_spec("rainclf.heads.lora") is not None
+HAS_GENERATIVE = importlib.util.find_spec("rainclf.heads.generative") is not None
+HAS_FALLBACK = importlib.util.find_spec("rainclf.fallback") is not None
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Fit the tiny models once (linear on both features; LoRA and generative when their modules
+    exist), add an unreadable image, evaluate everything with the fallback combination."""
+    from rainclf.classifier import RunOptions
+    from rainclf.evaluate import evaluate
+    from rainclf.fit import FitOptions, fit
+
+    root = tmp_path_factory.mktemp("evaluate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAINCLF_CACHE_DIR", str(root / "cache"))   # module scope: the autouse one is not active yet
+        data = write_class_folders(root / "data", n_per_class=3)
+        base = dict(cache_dir=None, progress=False, device="cpu", val_split=0.0)
+        dirs = [root / "vision", root / "answer"]
+        fit(data, dirs[0], FitOptions(feature="vision", **base))
+        fit(data, dirs[1], FitOptions(feature="answer", layer=1, **base))
+        tiny = dict(steps=1, eval_every=1, train_batch_size=2, max_new_tokens=2)
+        if HAS_LORA:
+            dirs.append(root / "lora")
+            fit(data, dirs[-1], FitOptions(head="lora", feature="answer", head_params=tiny, **base))
+        gen = None
+        if HAS_GENERATIVE:
+            gen = root / "gen"
+            dirs.append(gen)
+            fit(data, gen, FitOptions(head="generative", feature="answer", head_params=tiny, **base))
+        (data / "会下雨" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+        out = root / "report"
+        metrics = evaluate(data, dirs, out, RunOptions(device="cpu", cache_dir=None, progress=False,
+                                                       max_new_tokens=3),
+                           fallback=gen if HAS_FALLBACK else None, band=(0.0, 1.0),
+                           decodings=["greedy", "constrained"], timing="single", warmup=1)
+    return {"data": data, "dirs": dirs, "out": out, "metrics": metrics, "gen": gen}
+
+
+def test_every_model_given_is_in_metrics_reports_and_predictions(evaluated):
+    out, metrics = evaluated["out"], evaluated["metrics"]
+    expected = {"vision", "answer"} | ({"lora"} if HAS_LORA else set())
+    if HAS_GENERATIVE:
+        expected |= {"gen-greedy", "gen-constrained"}
+        if HAS_FALLBACK:
+            expected |= {f"{h}+gen-constrained" for h in ("vision", "answer", "lora") if h in expected}
+    on_disk = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert on_disk == json.loads(json.dumps(metrics))          # what evaluate returned is what it wrote
+    assert set(on_disk["models"]) == expected
+    md = (out / "report.md").read_text(encoding="utf-8")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    n_images = on_disk["n_images"]
+    assert n_images == 7                                        # 6 images + the broken one
+    for name in expected:
+        assert name in md and name in page
+        with open(out / "predictions" / f"{name}.csv", encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == n_images
+        assert len({r["path"] for r in rows}) == n_images
+        assert {r["true_label"] for r in rows} == {"会下雨", "不会下雨"}
+    assert {p.name for p in (out / "plots").iterdir()} >= {"confusion.png", "latency.png", "quality.png"}
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".rainclf-tmp-")]
+
+
+def test_two_linear_heads_differ_by_feature_and_are_timed(evaluated):
+    models = evaluated["metrics"]["models"]
+    assert (models["vision"]["feature"], models["answer"]["feature"]) == ("vision", "answer")
+    for name in ("vision", "answer"):
+        m = models[name]
+        assert m["n_timed"] == 7 and m["latency_ms_p50"] > 0 and m["images_per_s"] > 0
+        assert m["latency_ms_p95"] >= m["latency_ms_p50"]
+        assert m["model_size_mb"] > 0 and m["backbone_size_mb"] > 0
+        assert m["format_valid_rate"] == 1.0 and m["quality_of"] == "emitted label"
+
+
+def test_unreadable_image_counts_as_wrong(evaluated):
+    m = evaluated["metrics"]["models"]["vision"]
+    assert m["n_invalid"] == 1 and m["n_errors"] == 1 and m["n_scored"] == 6
+    assert sum(map(sum, m["confusion_matrix"]["matrix"])) == 6
+    assert m["accuracy"] <= 6 / 7
+    with open(evaluated["out"] / "predictions" / "vision.csv", encoding="utf-8", newline="") as f:
+        broken = [r for r in csv.DictReader(f) if r["path"].endswith("broken.jpg")]
+    assert len(broken) == 1 and broken[0]["label"] == "" and broken[0]["error"]
+
+
+def _md_tables(md: str) -> dict[str, dict[str, str]]:
+    """{row header: {model: cell}} over every metric table of report.md."""
+    cells: dict[str, dict[str, str]] = {}
+    header = None
+    for line in md.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        parts = [c.strip() for c in line.strip().strip("|").split("|")]
+        if parts[0] == "metric":
+            header = parts[1:]
+        elif header and not set(parts[0]) <= set("-:"):
+            cells[parts[0]] = dict(zip(header, parts[1:]))
+    return cells
+
+
+def test_numbers_in_report_md_equal_metrics_json(evaluated):
+    out = evaluated["out"]
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    cells = _md_tables((out / "report.md").read_text(encoding="utf-8"))
+    checked = set()
+    for _, rows in SECTIONS:
+        for path, header, spec in rows:
+            if header not in cells:
+                continue
+            for model, text in cells[header].items():
+                value = metrics["models"][model]
+                for k in path:
+                    value = value.get(k) if isinstance(value, dict) else None
+                if value is None:
+                    assert text == MISSING, (header, model, text)
+                    continue
+                decimals = 0 if spec == "d" else int(re.search(r"\.(\d+)f", spec).group(1))
+                assert abs(float(text) - value) <= 0.5 * 10 ** -decimals + 1e-12, (header, model, text, value)
+                checked.add(path[0])
+    assert {"accuracy", "balanced_accuracy", "f1", "roc_auc", "ece", "brier", "format_valid_rate",
+            "latency_ms_p50", "latency_ms_p95", "images_per_s", "peak_memory_mb"} <= checked
+
+
+def test_random_weight_flag(evaluated):
+    out = evaluated["out"]
+    assert evaluated["metrics"]["random_weights"] is True
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert md.splitlines()[2].startswith("**RANDOM-weight backbone (glm4v-tiny)")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.index("<strong>RANDOM-weight backbone") < page.index("<h2>")
+
+
+@pytest.mark.skipif(not HAS_GENERATIVE, reason="rainclf.heads.generative not written yet")
+def test_generative_columns_show_answer_quality(evaluated):
+    models = evaluated["metrics"]["models"]
+    greedy, constrained = models["gen-greedy"], models["gen-constrained"]
+    assert greedy["quality_of"] == "generated text" and 0.0 <= greedy["format_valid_rate"] <= 1.0
+    assert greedy["n_scored"] == 0 and greedy["roc_auc"] is None     # greedy text has no p_rain
+    assert greedy["n_invalid"] >= 1                                   # at least the broken image
+    assert constrained["format_valid_rate"] == 1.0 and constrained["n_scored"] == 6
+    assert constrained["decoding"] == "constrained" and greedy["decoding"] == "greedy"
+
+
+@pytest.mark.skipif(not (HAS_GENERATIVE and HAS_FALLBACK), reason="generative head or fallback not written yet")
+def test_fallback_combination_routes_by_band(evaluated):
+    m = evaluated["metrics"]["models"]["vision+gen-constrained"]
+    # band (0, 1): every readable image goes to the generative model
+    assert m["fallback_rate"] == pytest.approx(6 / 7) and m["fallback_invalid"] == 0
+    assert m["head"] == "linear+fallback" and m["fallback"] == str(evaluated["gen"])
+
+
+def test_bad_inputs_refused_before_any_model_work(evaluated, tmp_path):
+    from rainclf.evaluate import evaluate
+    from rainclf.model_dir import ModelDirError
+
+    vision = evaluated["dirs"][0]
+    with pytest.raises(ModelDirError):
+        evaluate(evaluated["data"], [tmp_path / "nope"], tmp_path / "r")
+    with pytest.raises(ValueError, match="not a generative model"):
+        evaluate(evaluated["data"], [vision], tmp_path / "r", fallback=vision)
+    with pytest.raises(FileExistsError):
+        evaluate(evaluated["data"], [vision], evaluated["out"])
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_evaluate(evaluated, tmp_path):
+    data, (vision, answer) = evaluated["data"], evaluated["dirs"][:2]
+    out = tmp_path / "cli-report"
+    args = ["evaluate", str(data), "--model", str(vision), "--model", str(answer), "-o", str(out),
+            "--device", "cpu", "--timing", "batch", "--batch-size", "16", "--no-plots", "-q"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "vision: accuracy" in r.stdout and "answer: accuracy" in r.stdout and "RANDOM" in r.stderr
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert set(metrics["models"]) == {"vision", "answer"} and metrics["timing"]["mode"] == "batch"
+    assert metrics["timing"]["embedding_cache"] is False
+    assert not (out / "plots").exists() and "data:image/png" not in (out / "report.html").read_text(encoding="utf-8")
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "already exists" in again.stderr
+
+
+def test_roc_points_match_scikit_learn_and_auc():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from rainclf.evaluate import roc_points
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60).astype(float)
+    p = np.round(np.clip(0.3 * y + rng.uniform(0, 0.7, 60), 0, 1), 1)     # many ties
+    pts = roc_points(y, p)
+    fpr, tpr, _ = roc_curve(y, p, drop_intermediate=False)
+    np.testing.assert_allclose(pts["fpr"], fpr, atol=1e-6)
+    np.testing.assert_allclose(pts["tpr"], tpr, atol=1e-6)
+    assert np.trapezoid(pts["tpr"], pts["fpr"]) == pytest.approx(roc_auc_score(y, p), abs=1e-6)
