@@ -164,6 +164,10 @@ def fit(data, out_dir, backbone, feature, layer, prompt, head, val_split, seed, 
                                        grad_accum=grad_accum, eval_every=eval_every, patience=patience,
                                        precision=precision, force_fp16=force_fp16))
     result = fit_model(data, out_dir, opts)
+    from .distributed import dist_context
+
+    if not dist_context().is_main:  # torchrun / accelerate launch: rank 0 wrote the model and reports
+        return
     val = result.metrics.get("validation") or {}
     parts = [f"{k} {val[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "f1", "roc_auc")
              if isinstance(val.get(k), float)]

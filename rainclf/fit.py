@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -151,6 +151,8 @@ def fit_linear(data, out_dir, options: FitOptions) -> FitResult:
 
 Fitter = Callable[[object, object, FitOptions], FitResult]
 FITTERS: dict[str, Fitter] = {"linear": fit_linear}
+# heads whose fitter trains data-parallel under torchrun / accelerate launch (lora_common.train_loop)
+DISTRIBUTED_HEADS = {"lora", "generative"}
 
 
 def fit(data: str | Path, out_dir: str | Path, options: FitOptions | None = None) -> FitResult:
@@ -164,6 +166,19 @@ def fit(data: str | Path, out_dir: str | Path, options: FitOptions | None = None
         fitter = FITTERS.get(options.head)
     if fitter is None:
         raise ValueError(f"unknown --head {options.head!r}: use linear, lora or generative")
+    from .distributed import dist_context
+
+    ctx = dist_context()
+    if ctx.is_distributed and options.head not in DISTRIBUTED_HEADS:
+        # refused before any work: N copies would each embed everything and race for OUT_DIR
+        raise ValueError(
+            f"--head {options.head} does not train with {ctx.world_size} processes (torchrun / accelerate "
+            "launch): the embeddings are the part that scales. Fill the cache with N processes, "
+            "`torchrun --nproc-per-node N -m rainclf.cli embed DATA -o /tmp/emb.safetensors` (same "
+            "--backbone, --weights, --feature, --layer, --prompt, --cache-dir), then run "
+            "`rainclf fit DATA -o OUT` in one process: every embedding is a cache hit")
     if Path(out_dir).exists() and not options.overwrite:
         raise FileExistsError(f"{out_dir} already exists: choose another -o or pass --overwrite")
+    if ctx.is_distributed and not ctx.is_main:
+        options = replace(options, progress=False)   # one log, from rank 0
     return fitter(data, out_dir, options)

@@ -270,6 +270,68 @@ def test_ddp_lora_head_matches_doubled_batch(ddp_curves):
     assert lora["ddp"][-1] < lora["ddp"][0]                              # it trained
 
 
+# --------------------------------------------------------------------------- rainclf fit under torchrun
+
+FIT_ARGS = ["--head", "lora", "--feature", "answer", "--steps", "4", "--eval-every", "2", "--no-cache", "-q",
+            "--device", "cpu", "--lora-dropout", "0", "--lr", "1e-2"]   # dropout 0: same masks-free curve
+
+
+def test_torchrun_fit_lora_matches_one_process_with_doubled_batch(tmp_path):
+    """``torchrun --nproc-per-node 2 rainclf fit --head lora --train-batch-size 2`` (gloo, CPU) vs
+    one process with ``--train-batch-size 4``: one model directory, written once by rank 0, same
+    loss history, same predictions."""
+    import torch
+    from click.testing import CliRunner
+
+    from rainclf.atomic import TMP_PREFIX
+    from rainclf.classifier import RunOptions, load_classifier
+    from rainclf.cli import main
+
+    data = write_class_folders(tmp_path / "data", n_per_class=5)      # 8 train / 2 validation
+    ddp_dir, single_dir = tmp_path / "out" / "ddp", tmp_path / "single"
+    proc = torchrun(["-m", "rainclf.cli", "fit", str(data), "-o", str(ddp_dir), "--train-batch-size", "2"]
+                    + FIT_ARGS, tmp_path / "cache")
+    # no --overwrite: a second writer would have failed with "already exists" (rc != 0)
+    assert proc.stdout.count("saved") == 1 and str(ddp_dir) in proc.stdout      # rank 0 reports, rank 1 is silent
+    assert sorted(p.name for p in ddp_dir.parent.iterdir()) == ["ddp"]          # no temporary leftovers
+    assert not any(p.name.startswith(TMP_PREFIX) for p in ddp_dir.rglob("*"))
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = CliRunner().invoke(main, ["fit", str(data), "-o", str(single_dir), "--train-batch-size", "4"] + FIT_ARGS)
+        assert res.exit_code == 0, res.output
+        ddp_m = json.loads((ddp_dir / "metrics.json").read_text(encoding="utf-8"))
+        one_m = json.loads((single_dir / "metrics.json").read_text(encoding="utf-8"))
+        assert ddp_m["world_size"] == 2 and "world_size" not in one_m
+        assert [h["step"] for h in ddp_m["history"]] == [h["step"] for h in one_m["history"]] == [0, 2, 4]
+        for key in ("train_loss", "val_loss"):
+            a = [h[key] for h in ddp_m["history"] if key in h]
+            b = [h[key] for h in one_m["history"] if key in h]
+            assert len(a) == len(b) >= 2
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)       # history is rounded to 6 decimals
+        train_losses = [h["train_loss"] for h in ddp_m["history"] if "train_loss" in h]
+        assert train_losses[-1] < train_losses[0]                          # it trained
+        assert ddp_m["best_step"] == one_m["best_step"]
+        paths = sorted(str(p) for p in data.rglob("*.jpg"))
+        opts = RunOptions(device="cpu", progress=False, batch_size=4)
+        p_ddp = [r.p_rain for r in load_classifier(ddp_dir, opts).predict_paths(paths)]
+        p_one = [r.p_rain for r in load_classifier(single_dir, opts).predict_paths(paths)]
+        np.testing.assert_allclose(p_ddp, p_one, rtol=0, atol=1e-4)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_linear_fit_under_a_launcher_is_refused_before_any_work(monkeypatch, tmp_path):
+    from rainclf.fit import FitOptions, fit
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="rainclf.cli embed"):
+        fit(tmp_path / "no-such-data", tmp_path / "model", FitOptions(device="cpu", progress=False))
+    assert not (tmp_path / "model").exists()
+
+
 # --------------------------------------------------------------------------- the DDP worker
 
 def _linear_curves(ctx_, steps: int = 8, per_rank: int = 4) -> dict:

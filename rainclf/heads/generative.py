@@ -31,6 +31,7 @@ import numpy as np
 from ..atomic import atomic_dir
 from ..backbones import BackboneError, BackboneOptions
 from ..classifier import Row, RunOptions, backbone_for, register_head_loader
+from ..distributed import barrier, ensure_process_group, rank_device
 from ..fit import FITTERS, FitOptions, FitResult, prepare_data
 from ..labels import LABELS, normalise_label
 from ..metrics import classification_metrics
@@ -207,9 +208,11 @@ def fit_generative(data, out_dir, options: FitOptions) -> FitResult:
 
     params = LoraParams.from_dict(options.head_params)
     check_precision(params)   # before any data or model work
+    ctx = ensure_process_group()   # torchrun / accelerate launch: DDP by hand in train_loop
     train, val = prepare_data(data, options)
     backbone = private_backbone(options.backbone, BackboneOptions(
-        device=options.device, image_size=options.image_size, trust_remote_code=options.trust_remote_code))
+        device=rank_device(options.device, ctx), image_size=options.image_size,
+        trust_remote_code=options.trust_remote_code))
     if backbone.random_weights:
         log(f"backbone {backbone.name} has RANDOM weights: its answers say nothing about real models",
             options.progress)
@@ -232,10 +235,11 @@ def fit_generative(data, out_dir, options: FitOptions) -> FitResult:
 
     log(f"generative baseline: r {params.lora_r}, alpha {params.lora_alpha}, targets "
         f"{','.join(params.lora_targets)}, {params.steps} steps × {params.train_batch_size} × "
-        f"{params.grad_accum} on {device}, loss on {len(answer_ids[LABELS[0]])}/{len(answer_ids[LABELS[1]])} "
+        f"{params.grad_accum}" + (f" × {ctx.world_size} processes" if ctx.is_distributed else "")
+        + f" on {device}, loss on {len(answer_ids[LABELS[0]])}/{len(answer_ids[LABELS[1]])} "
         "answer tokens", options.progress)
     with torch.random.fork_rng(devices=cuda_devices(device)):
-        torch.manual_seed(options.seed)
+        torch.manual_seed(options.seed + ctx.rank)   # LoRA dropout: each rank draws its own masks
         outcome = train_loop(params, gen.named_trainable(), len(tr_im), loss_fn,
                              evaluate if va_im else None, [gen.peft_model], device, gen.dtype,
                              seed=options.seed, progress=options.progress, desc="generative")
@@ -254,6 +258,8 @@ def fit_generative(data, out_dir, options: FitOptions) -> FitResult:
         "checkpoints": {ADAPTER_DIR: f"best (step {outcome.best_step})",
                         LAST_ADAPTER_DIR: f"last (step {outcome.steps_done})"},
     }
+    if ctx.is_distributed:   # train_batch_size is per process: the global batch is world_size × larger
+        metrics["world_size"] = ctx.world_size
     if va_im:
         with torch.no_grad(), autocast(device, gen.dtype):
             ev = evaluate_answers(gen, va_im, va_lab, options.batch_size, params.max_new_tokens)
@@ -265,12 +271,14 @@ def fit_generative(data, out_dir, options: FitOptions) -> FitResult:
     config = ModelConfig(head="generative", backbone=backbone.describe(), feature="answer",
                          prompt=options.prompt, dim=backbone.hidden_size, threshold=0.5,
                          head_params=params.to_dict())
-    with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
-        save_adapter(gen.peft_model, tmp / ADAPTER_DIR)
-        restore(named, outcome.last_state)
-        save_adapter(gen.peft_model, tmp / LAST_ADAPTER_DIR)
-        restore(named, outcome.best_state)
-        write_common_files(tmp, config, metrics)
+    if ctx.is_main:   # the replicas are identical: one writer
+        with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
+            save_adapter(gen.peft_model, tmp / ADAPTER_DIR)
+            restore(named, outcome.last_state)
+            save_adapter(gen.peft_model, tmp / LAST_ADAPTER_DIR)
+            restore(named, outcome.best_state)
+            write_common_files(tmp, config, metrics)
+    barrier()          # every rank returns once the directory is there
     return FitResult(Path(out_dir), metrics, config)
 
 

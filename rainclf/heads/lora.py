@@ -26,6 +26,7 @@ import numpy as np
 from ..atomic import atomic_dir
 from ..backbones import BackboneError, BackboneOptions
 from ..classifier import Row, RunOptions, backbone_for, register_head_loader
+from ..distributed import barrier, ensure_process_group, rank_device
 from ..fit import FITTERS, FitOptions, FitResult, prepare_data
 from ..labels import LABELS
 from ..metrics import classification_metrics
@@ -136,13 +137,14 @@ def fit_lora(data, out_dir, options: FitOptions) -> FitResult:
 
     params = LoraParams.from_dict(options.head_params)
     check_precision(params)   # before any data or model work
+    ctx = ensure_process_group()   # torchrun / accelerate launch: DDP by hand in train_loop
     if options.feature != "answer":
         log("--head lora reads the answer feature (LoRA adapts the language model); "
             f"--feature {options.feature} is ignored", options.progress)
     train, val = prepare_data(data, options)
     backbone = private_backbone(options.backbone, BackboneOptions(
-        device=options.device, image_size=options.image_size, trust_remote_code=options.trust_remote_code),
-        options.layer)
+        device=rank_device(options.device, ctx), image_size=options.image_size,
+        trust_remote_code=options.trust_remote_code), options.layer)
     if backbone.random_weights:
         log(f"backbone {backbone.name} has RANDOM weights: its accuracy says nothing about real models",
             options.progress)
@@ -165,9 +167,11 @@ def fit_lora(data, out_dir, options: FitOptions) -> FitResult:
         return {"val_loss": round(loss, 6), "val_accuracy": round(acc, 6), "rank": (-loss,)}
 
     log(f"LoRA head: r {params.lora_r}, alpha {params.lora_alpha}, targets {','.join(params.lora_targets)}, "
-        f"{params.steps} steps × {params.train_batch_size} × {params.grad_accum} on {device}", options.progress)
+        f"{params.steps} steps × {params.train_batch_size} × {params.grad_accum}"
+        + (f" × {ctx.world_size} processes" if ctx.is_distributed else "") + f" on {device}", options.progress)
     with torch.random.fork_rng(devices=cuda_devices(device)):
-        torch.manual_seed(options.seed)   # LoRA dropout: a fit is reproducible for a seed
+        # LoRA dropout: a fit is reproducible for a seed (and each rank draws its own masks)
+        torch.manual_seed(options.seed + ctx.rank)
         outcome = train_loop(params, head.named_trainable(), len(tr_im), loss_fn,
                              evaluate if va_im else None, head.modules, device, head.dtype,
                              seed=options.seed, progress=options.progress, desc="lora")
@@ -184,6 +188,8 @@ def fit_lora(data, out_dir, options: FitOptions) -> FitResult:
         "train_accuracy": float(np.mean((p_train >= 0.5) == np.array(tr_y))),
         "selection": "validation log-loss" if va_im else "last step (no validation split)",
     }
+    if ctx.is_distributed:   # train_batch_size is per process: the global batch is world_size × larger
+        metrics["world_size"] = ctx.world_size
     if va_im:
         p = head.p_rain(va_im, options.batch_size)
         pred = [LABELS[1] if q >= 0.5 else LABELS[0] for q in p]
@@ -191,9 +197,11 @@ def fit_lora(data, out_dir, options: FitOptions) -> FitResult:
     config = ModelConfig(head="lora", backbone=backbone.describe(), feature="answer", layer=options.layer,
                          prompt=options.prompt, dim=backbone.hidden_size, threshold=0.5,
                          head_params=params.to_dict())
-    with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
-        head.save(tmp)
-        write_common_files(tmp, config, metrics)
+    if ctx.is_main:   # the replicas are identical: one writer
+        with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
+            head.save(tmp)
+            write_common_files(tmp, config, metrics)
+    barrier()          # every rank returns once the directory is there
     return FitResult(Path(out_dir), metrics, config)
 
 

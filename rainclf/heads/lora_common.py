@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..backbones import BackboneError, BackboneOptions, create_backbone
+from ..distributed import (all_reduce_gradients, broadcast_object, broadcast_parameters,
+                           ensure_process_group, mean_across_ranks, shard_batch)
 from ..images import ImageError, decode_image, read_bytes
 from ..model_dir import ModelDirError
 
@@ -298,14 +300,27 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
     (ties keep the earlier one: less drift) and ``patience`` validations without a better rank
     stop training. Without ``evaluate`` (no validation split) the last state is kept.
     ``modules`` are switched to train mode for steps and eval mode for validation.
+
+    Under torchrun / accelerate launch (WORLD_SIZE > 1; the process group is joined here if the
+    fitter has not yet): every rank starts from rank 0's weights, draws the same global batch of
+    ``train_batch_size × world_size`` indices and computes the loss of its own contiguous part;
+    the gradients are averaged over ranks (weighted by part size) before clipping and the step, so
+    every replica takes the same step as one process with the whole batch. The logged loss is the
+    global one, and rank 0's validation figures decide for all ranks (same best step, same early
+    stop). One process: all of this is a no-op.
     """
     import torch
 
+    ctx = ensure_process_group()   # the fitters joined it already; idempotent, no-op in one process
+    if n_train < ctx.world_size:
+        raise ValueError(f"{n_train} training images for {ctx.world_size} processes: every process needs "
+                         "at least one image per step (use fewer processes)")
     trainable = [p for _, p in named_params]
+    broadcast_parameters(trainable)   # same start on every rank (no-op in one process)
     opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
     # fp16 (forced) needs loss scaling on CUDA, or small gradients underflow to zero
     scaler = torch.amp.GradScaler("cuda") if (dtype == torch.float16 and device.startswith("cuda")) else None
-    batches = minibatches(n_train, params.train_batch_size, seed)
+    batches = minibatches(n_train, params.train_batch_size * ctx.world_size, seed)  # same on every rank
     history: list = []
     best = {"rank": None, "step": 0, "state": None}
     start, train_s, running, stopped, step, bad = time.perf_counter(), 0.0, [], False, 0, 0
@@ -322,7 +337,9 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
         for m in modules:
             m.eval()
         with torch.no_grad(), autocast(device, dtype):
-            entry.update(evaluate())
+            # rank 0's figures on every rank: a one-ulp difference must not split the ranks'
+            # early-stopping / best-step decisions
+            entry.update(broadcast_object(evaluate()))
         rank = tuple(entry.pop("rank"))
         history.append(entry)
         log(f"{desc} step {step}/{params.steps}: " + ", ".join(
@@ -343,10 +360,15 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
             m.train()
         total = 0.0
         for _ in range(params.grad_accum):
+            idx = shard_batch(next(batches), ctx)   # this rank's part of the global batch
             with autocast(device, dtype):
-                loss = loss_fn(next(batches)) / params.grad_accum
+                loss = loss_fn(idx) / params.grad_accum
             (scaler.scale(loss) if scaler else loss).backward()
             total += float(loss.detach())
+        if ctx.is_distributed:
+            # mean over the global batch: gradients and logged loss weighted by each rank's part
+            all_reduce_gradients(trainable, local_count=len(idx))
+            total = mean_across_ranks(total * len(idx)) / mean_across_ranks(len(idx))
         if scaler:
             scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
