@@ -96,6 +96,8 @@ def main():
       rainclf fit DATA -o MODEL_DIR          train a head (DATA: class folders, GLM-4 JSONL, CSV)
       rainclf predict PHOTOS/ --model DIR    one row per image: path,label,p_rain,source,error
       rainclf embed DATA -o vectors.safetensors
+      rainclf export MODEL_DIR               ONNX graphs for services without torch
+      rainclf evaluate DATA --model A --model B -o REPORT/   head vs generative baseline report
 
     The default backbone glm4v-tiny has RANDOM weights (offline demo and tests); pass a real
     GLM-4V checkpoint with --backbone /path/to/GLM-4.1V-9B-Thinking for real accuracy.

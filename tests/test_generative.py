@@ -259,6 +259,24 @@ def test_sampling_is_reproducible_for_a_seed(untrained, train_images):
     assert clf(3).answer(images[2:3], first_index=2)[0]["raw"] == a[2]
 
 
+def test_sampled_answer_follows_the_image_not_its_position(untrained, train_images, tmp_path):
+    """predict and evaluate (one image at a time) must sample the same answer for the same photo."""
+    from dataclasses import replace
+
+    _, images, _ = train_images
+    paths = []
+    for i, im in enumerate(images[:3]):
+        paths.append(tmp_path / f"{i}.png")
+        im.save(paths[-1])
+    opts = RunOptions(decoding="sample", seed=7, temperature=1.5, max_new_tokens=6, batch_size=2, progress=False)
+    clf = GenerativeClassifier.from_model(config_for(untrained), untrained, opts)
+    forward = {r.path: r.extra["raw"] for r in clf.predict_paths(paths)}
+    clf.options = replace(opts, batch_size=1)
+    backward = {r.path: r.extra["raw"] for r in clf.predict_paths(paths[::-1])}
+    single = {str(p): clf.predict_paths([p])[0].extra["raw"] for p in paths}
+    assert forward == backward == single
+
+
 # ----------------------------------------------------------------------------- fp16
 
 def test_fp16_refused_by_library(tmp_path):

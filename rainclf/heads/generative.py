@@ -14,7 +14,7 @@ descriptions. The last checkpoint is saved as well, for the comparison:
 
 Decoding (``RunOptions.decoding``):
     greedy       argmax tokens; ``raw`` keeps the text; label only if the text *is* a label
-    sample       temperature / top_p; reproducible: image i is sampled with seed (seed, i)
+    sample       temperature / top_p; reproducible: an image is sampled with seed (seed, its pixels)
     constrained  log p(label tokens + EOS | prompt) summed for each of the two labels; the larger
                  wins and p_rain = softmax of the two sums. EOS is included because it is what
                  training taught to follow a label: the score is "the answer is exactly this
@@ -45,6 +45,13 @@ LAST_ADAPTER_DIR = "adapter_last"
 DECODINGS = ("greedy", "sample", "constrained")
 SOURCE = "generative"
 IGNORE = -100   # label id that cross-entropy skips
+
+
+def image_key(image) -> int:
+    """A 48-bit integer from an image's pixels: the per-image part of a sampling seed."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(image.tobytes()).digest()[:6], "little")
 
 
 def answer_labels(input_ids, attention_mask, prompt_len: int):
@@ -353,9 +360,11 @@ class GenerativeClassifier:
     def _answer_each(self, good, lo: int) -> list[dict]:
         if not good:
             return []
-        # sampling seeds follow the image's index in the whole run, not in the batch
+        # sampling seeds follow the image's pixels, not its position: the same photo gets the same
+        # sampled answer for a given --seed whatever the order, batch size, or command (predict,
+        # evaluate's one-at-a-time timing, a torchrun shard)
         if self.options.decoding == "sample":
-            return [self.answer([im], first_index=lo + i)[0] for i, im in good]
+            return [self.answer([im], first_index=image_key(im))[0] for _, im in good]
         return self.answer([im for _, im in good])
 
 
