@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import helpers
 import pytest
 from PIL import Image
 
@@ -21,7 +22,7 @@ from rainclf.fit import FitOptions, fit  # noqa: E402
 from rainclf.heads.generative import (GenerativeClassifier, answer_labels,  # noqa: E402
                                       build_generative, fit_generative)
 from rainclf.heads.lora_common import FP16_REFUSAL, LoraParams, private_backbone  # noqa: E402
-from rainclf.labels import LABELS, NO_RAIN, RAIN  # noqa: E402
+from rainclf.labels import LABELS, RAIN  # noqa: E402
 from rainclf.model_dir import ModelConfig  # noqa: E402
 from rainclf.quality import summarise  # noqa: E402
 
@@ -29,25 +30,11 @@ SIZE = 112
 LONG = "图片中天气晴朗，没有乌云，所以不会下雨。"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: the tiny model gains nothing from more, and a busy machine loses a lot."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_red_blue(root: Path, n_per_class: int = 10, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for label, base in ((RAIN, (200, 60, 50)), (NO_RAIN, (50, 70, 200))):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            arr = np.clip(np.array(base) + rng.normal(0, 25, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(root / label / f"{i:03d}.png")
-    return root
+    return helpers.make_red_blue(root, n_per_class, seed, SIZE)
 
 
 def gen_options(**kw) -> FitOptions:

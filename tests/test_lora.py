@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import helpers
 import pytest
 from PIL import Image
 
@@ -17,33 +18,17 @@ from rainclf.fit import FitOptions, fit  # noqa: E402
 from rainclf.heads.lora import LoraHeadModel, build_lora_head, fit_lora  # noqa: E402
 from rainclf.heads.lora_common import (FP16_REFUSAL, LoraParams, minibatches,  # noqa: E402
                                        private_backbone)
-from rainclf.labels import LABELS, NO_RAIN, RAIN  # noqa: E402
+from rainclf.labels import LABELS, RAIN  # noqa: E402
 from rainclf.model_dir import ModelConfig, write_common_files  # noqa: E402
 
 SIZE = 112
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model gains nothing from threads, and on a busy machine spinning OpenMP threads made
-    these tests 10× slower (3 s vs 50 s for one fit)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_red_blue(root: Path, n_per_class: int = 12, seed: int = 0) -> Path:
-    """Red-ish skies = 会下雨, blue-ish = 不会下雨 (separable by colour), 112 px PNGs."""
-    rng = np.random.default_rng(seed)
-    for label, base in ((RAIN, (200, 60, 50)), (NO_RAIN, (50, 70, 200))):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            arr = np.clip(np.array(base) + rng.normal(0, 25, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(root / label / f"{i:03d}.png")
-    return root
+    return helpers.make_red_blue(root, n_per_class, seed, SIZE)
 
 
 def all_paths(root: Path) -> tuple[list[Path], list[str]]:

@@ -17,13 +17,9 @@ versions write byte-identical files (``--check`` verifies the committed copy).
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import io
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -149,36 +145,10 @@ def write(out: Path) -> None:
         path.write_bytes(data)
 
 
-def digest(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--check", action="store_true",
-                    help="regenerate into a temporary folder and compare byte for byte with --out")
-    args = ap.parse_args(argv)
-    if not args.check:
-        if args.out.exists():
-            shutil.rmtree(args.out)
-        write(args.out)
-        sums = digest(args.out)
-        n = sum((args.out / rel).stat().st_size for rel in sums)
-        print(f"wrote {args.out}: {len(sums)} files, {n / 1e3:.0f} KB (synthetic, seed {SEED})")
-        return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = Path(tmp) / "sample"
-        write(fresh)
-        want, have = digest(fresh), digest(args.out) if args.out.is_dir() else {}
-        differs = sorted(rel for rel in want.keys() | have.keys() if want.get(rel) != have.get(rel))
-        if differs:
-            print(f"{args.out}: {len(differs)} file(s) differ from a fresh build, e.g. {differs[:5]} — "
-                  "rerun python tools/make_sample_data.py", file=sys.stderr)
-            return 1
-        print(f"{args.out}: {len(want)} files byte-identical to a fresh build")
-        return 0
+    from regen import main as regen_main  # tools/ is on sys.path when run as a script
+
+    return regen_main(__doc__, DEFAULT_OUT, write, f"synthetic, seed {SEED}", argv)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,7 @@ Deterministic: the same seed and library versions write byte-identical files
 
 from __future__ import annotations
 
-import argparse
-import filecmp
-import hashlib
-import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 SEED = 20251125
@@ -141,37 +135,10 @@ def write(out: Path) -> None:
         "Its outputs mean nothing about GLM-4V quality.\n" % SEED, encoding="utf-8")
 
 
-def digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-            for p in sorted(folder.iterdir()) if p.is_file()}
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--check", action="store_true",
-                    help="regenerate into a temporary folder and compare byte for byte with --out")
-    args = ap.parse_args(argv)
-    if not args.check:
-        if args.out.exists():
-            shutil.rmtree(args.out)
-        write(args.out)
-        n = sum(p.stat().st_size for p in args.out.iterdir())
-        print(f"wrote {args.out} ({n / 1e6:.2f} MB, RANDOM weights, seed {SEED})")
-        for name, h in digest(args.out).items():
-            print(f"  {h}  {name}")
-        return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = Path(tmp) / "glm4v-tiny"
-        write(fresh)
-        names = sorted(p.name for p in fresh.iterdir())
-        match, mismatch, errors = filecmp.cmpfiles(args.out, fresh, names, shallow=False)
-        extra = sorted(set(p.name for p in args.out.iterdir()) - set(names))
-        if mismatch or errors or extra:
-            print(f"differs: {mismatch + errors + extra}", file=sys.stderr)
-            return 1
-        print(f"{args.out}: {len(match)} files byte-identical to a fresh build")
-        return 0
+    from regen import main as regen_main  # tools/ is on sys.path when run as a script
+
+    return regen_main(__doc__, DEFAULT_OUT, write, f"RANDOM weights, seed {SEED}", argv)
 
 
 if __name__ == "__main__":
