@@ -123,7 +123,9 @@ def main():
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="timm backbones: local .safetensors checkpoint (random weights otherwise).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that ship Python code (off by default).")
-@click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Reweight classes (linear head).")
+@click.option("--class-weight", type=click.Choice(["balanced", "none"]), default="balanced", show_default=True,
+              help="Linear head: 'balanced' weights each label by the inverse of its frequency (rain is "
+                   "usually the rare label); 'none' weights every image alike.")
 @click.option("--C", "C", type=float, default=None, help="Linear head: inverse regularisation (default: by CV).")
 @click.option("--threshold-from-val", is_flag=True, help="Pick the threshold maximising validation balanced accuracy.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -158,7 +160,8 @@ def fit(data, out_dir, backbone, feature, layer, prompt, head, val_split, seed, 
     opts = FitOptions(backbone=backbone, feature=feature, layer=layer, prompt=prompt or DEFAULT_PROMPT,
                       head=head, val_split=val_split, seed=seed, batch_size=batch_size, device=device,
                       image_size=image_size, weights=weights, trust_remote_code=trust_remote_code,
-                      cache_dir=_cache_dir(no_cache, cache_dir), class_weight=class_weight, C=C,
+                      cache_dir=_cache_dir(no_cache, cache_dir),
+                      class_weight=None if class_weight == "none" else class_weight, C=C,
                       threshold_from_val=threshold_from_val, overwrite=overwrite, progress=_progress(quiet),
                       head_params=dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                        lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],

@@ -41,7 +41,7 @@ class FitOptions:
     weights: str | None = None
     trust_remote_code: bool = False
     cache_dir: str | Path | None = field(default_factory=default_cache_dir)
-    class_weight: str | None = None          # None | "balanced"
+    class_weight: str | None = "balanced"    # "balanced" | None (every image weighs the same)
     C: float | None = None                   # None: chosen by cross-validation
     threshold_from_val: bool = False
     overwrite: bool = False
@@ -54,7 +54,7 @@ class FitOptions:
         if self.feature not in ("vision", "answer"):
             raise ValueError(f"--feature must be vision or answer, not {self.feature!r}")
         if self.class_weight not in (None, "balanced"):
-            raise ValueError("--class-weight must be 'balanced' or omitted")
+            raise ValueError("--class-weight must be 'balanced' or 'none'")
 
 
 @dataclass

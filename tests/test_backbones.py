@@ -56,8 +56,8 @@ def test_vision_feature_is_mean_of_merged_tokens(tiny_backbone):
                                              image_grid_thw=inputs["image_grid_thw"])
     expected = np.stack([t.mean(0).numpy() for t in out.pooler_output])
     np.testing.assert_allclose(tiny_backbone.embed(images, "vision"), expected, rtol=1e-6, atol=1e-7)
-    # 112 px / 14 = 8 patches a side, merged 2x2 → 16 tokens an image
-    assert [t.shape[0] for t in out.pooler_output] == [16, 16]
+    # 224 px / 14 = 16 patches a side, merged 2x2 → 64 tokens an image
+    assert [t.shape[0] for t in out.pooler_output] == [64, 64]
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2, -1, -2, -3])

@@ -267,7 +267,8 @@ def test_ddp_lora_head_matches_doubled_batch(ddp_curves):
     lora = r0["lora"]
     assert len(lora["ddp"]) == len(lora["single"]) == 4
     np.testing.assert_allclose(lora["ddp"], lora["single"], rtol=1e-4)
-    assert lora["ddp"][-1] < lora["ddp"][0]                              # it trained
+    # it trained: steps 0 and 2 see the same minibatch (examples 0-3), so after two updates its loss fell
+    assert lora["ddp"][2] < lora["ddp"][0]
 
 
 # --------------------------------------------------------------------------- rainclf fit under torchrun

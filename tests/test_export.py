@@ -145,9 +145,9 @@ def test_metadata_describes_the_model_and_its_input(vision_dir, answer_dir, tiny
     assert meta.dim == 64 and meta.feature == "vision" and meta.opset == 18 and meta.not_exported == {}
     proc = tiny_backbone.load()[1].image_processor
     spec = meta.input_spec
-    assert (spec.image_size, spec.patch_size, spec.merge_size, spec.temporal_patch_size) == (112, 14, 2, 2)
+    assert (spec.image_size, spec.patch_size, spec.merge_size, spec.temporal_patch_size) == (224, 14, 2, 2)
     assert spec.image_mean == tuple(proc.image_mean) and spec.rescale_factor == proc.rescale_factor
-    assert meta.input["grid_thw"] == [1, 8, 8] and meta.graphs["image"]["batch"] == "dynamic"
+    assert meta.input["grid_thw"] == [1, 16, 16] and meta.graphs["image"]["batch"] == "dynamic"
     assert meta.parity["image"]["max_abs_dp"] <= TOL and meta.prompt_token_ids is None
     answer = read_metadata(answer_dir / "onnx")
     ids = tiny_backbone.chat_inputs(export_mod.synthetic_images(1), answer.prompt)["input_ids"][0].tolist()
@@ -159,7 +159,7 @@ def test_head_only_export_is_model_onnx_and_reexport_replaces_it(vision_dir, tmp
     info = export_onnx(vision_dir, out)
     assert {p.name for p in out.iterdir()} == {METADATA_FILE, "model.onnx"}
     assert set(info["graphs"]) == {"head"} and info["graphs"]["head"]["file"] == "model.onnx"
-    assert info["input"]["image_size"] == 112          # the spec is written even without the image graph
+    assert info["input"]["image_size"] == 224          # the spec is written even without the image graph
     with pytest.raises(Exception, match="only the head graph"):
         OnnxClassifier.from_dir(out).predict([SAMPLE_TRAIN / "会下雨" / "rain_000.jpg"])
     export_onnx(vision_dir, out, include_backbone=True)   # an earlier export is replaced

@@ -528,7 +528,7 @@ ONNX_CASES = {  # (model, field in rainclf_onnx.json, new value, words the refus
     "feature": ("vision", "feature", "answer", ["feature answer", "vision"]),
     "threshold": ("vision", "threshold", 0.9, ["threshold 0.9"]),
     "layer": ("answer", "layer", -1, ["layer -1", "-2"]),
-    "image_size": ("vision", "backbone.image_size", 224, ["image size 224", "112"]),
+    "image_size": ("vision", "backbone.image_size", 168, ["image size 168", "224"]),
 }
 
 

@@ -35,7 +35,7 @@ def exported(tmp_path_factory, tiny_backbone):
 
 @pytest.fixture(scope="module")
 def odd_photos(weather_photos):
-    """Real photos of odd sizes: landscape, portrait and square, none at the model's 112 × 112."""
+    """Real photos of odd sizes: landscape, portrait and square, none at the model's 224 × 224."""
     by_shape = {}
     for p in weather_photos:
         with Image.open(p) as im:
@@ -49,13 +49,13 @@ def odd_photos(weather_photos):
 
 # ------------------------------------------------------------------ preprocessing
 
-@pytest.mark.parametrize("image_size", [112, 168])
+@pytest.mark.parametrize("image_size", [224, 168])
 def test_numpy_preprocessing_equals_the_processor_on_real_photos(odd_photos, image_size, tiny_backbone):
     from rainclf.backbones import BackboneOptions, create_backbone
     from rainclf.export import spec_from_processor
     from rainclf.images import load_image
 
-    backbone = tiny_backbone if image_size == 112 else create_backbone(
+    backbone = tiny_backbone if image_size == 224 else create_backbone(
         "glm4v-tiny", BackboneOptions(device="cpu", image_size=image_size))
     images = [load_image(p) for p in odd_photos]
     expected = backbone.vision_inputs(images)
@@ -158,7 +158,7 @@ def test_metadata_round_trip(exported):
     assert again == meta and again.input_spec == meta.input_spec
     spec = meta.input_spec
     assert InputSpec.from_dict(spec.to_dict()) == spec
-    assert (spec.patches_per_image, spec.patch_dim, spec.grid_thw) == (64, 1176, (1, 8, 8))
+    assert (spec.patches_per_image, spec.patch_dim, spec.grid_thw) == (256, 1176, (1, 16, 16))
 
 
 def test_metadata_refuses_newer_formats_unknown_keys_and_foreign_files(exported, tmp_path):

@@ -93,7 +93,7 @@ def build_model(tokenizer):
         ),
         vision_config=dict(
             depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, image_size=112,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, image_size=224,
         ),
         image_token_id=ids("<|image|>"), video_token_id=ids("<|video|>"),
         image_start_token_id=ids("<|begin_of_image|>"), image_end_token_id=ids("<|end_of_image|>"),
@@ -118,7 +118,7 @@ def build_model(tokenizer):
 def build_processor(tokenizer):
     from transformers import Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
 
-    image_processor = Glm4vImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 2 * 112 * 112})
+    image_processor = Glm4vImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 2 * 224 * 224})
     return Glm4vProcessor(image_processor=image_processor, tokenizer=tokenizer,
                           video_processor=Glm4vVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
