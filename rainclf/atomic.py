@@ -18,7 +18,8 @@ TMP_PREFIX = ".rainclf-tmp-"
 STALE_SECONDS = 3600.0
 
 
-def _tmp_name(dest: Path) -> Path:
+def tmp_name(dest: Path) -> Path:
+    """A hidden temporary name beside ``dest`` (same file system), unique to this process."""
     return dest.parent / f"{TMP_PREFIX}{dest.name}.{os.getpid()}.{os.urandom(3).hex()}"
 
 
@@ -44,7 +45,7 @@ def atomic_file(dest: str | Path, mode: str = "w", encoding: str | None = "utf-8
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(dest.parent)
-    tmp = _tmp_name(dest)
+    tmp = tmp_name(dest)
     kwargs = {} if "b" in mode else {"encoding": encoding, "newline": newline}
     try:
         with open(tmp, mode, **kwargs) as f:
@@ -66,13 +67,13 @@ def atomic_dir(dest: str | Path, overwrite: bool = False):
         raise FileExistsError(f"{dest} already exists: choose another -o or pass --overwrite")
     dest.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(dest.parent)
-    tmp = _tmp_name(dest)
+    tmp = tmp_name(dest)
     tmp.mkdir()
     try:
         yield tmp
         if dest.exists():
             # rename the old one away first: a crash between the two renames loses nothing
-            old = _tmp_name(dest)
+            old = tmp_name(dest)
             os.replace(dest, old)
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import sweep_stale, tmp_name
+
 MAGIC = b"RCE1"
 _HEADER = struct.Struct("<4sI32s")
 
@@ -36,6 +38,7 @@ class EmbeddingCache:
         self.dir = self.root / "embeddings" / namespace_key(namespace)
         self.hits = self.misses = self.damaged = 0
         self._described = False
+        self._swept: set[Path] = set()
 
     def _path(self, image_sha: str) -> Path:
         return self.dir / image_sha[:2] / f"{image_sha}.rce"
@@ -67,9 +70,11 @@ class EmbeddingCache:
         except OSError:
             pass  # a full or read-only cache slows the next run down; it must not fail this one
 
-    @staticmethod
-    def _write_atomic(path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        if path.parent not in self._swept:
+            sweep_stale(path.parent)  # temporary files a killed run left here (older than an hour)
+            self._swept.add(path.parent)
+        tmp = tmp_name(path)
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

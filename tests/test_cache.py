@@ -81,3 +81,21 @@ def test_identical_bytes_share_an_entry(tiny_backbone, photos, tmp_path):
     cache = open_cache(tmp_path / "c", tiny_backbone, "vision", -1, "")
     embed_paths(tiny_backbone, [photos[0], dup], cache=cache, progress=False, batch_size=1)
     assert cache.hits == 1
+
+
+def test_stale_temporary_files_of_killed_runs_are_swept(tiny_backbone, photos, tmp_path):
+    import os
+    import time
+
+    cache = open_cache(tmp_path, tiny_backbone, "vision", -1, "")
+    embed_paths(tiny_backbone, photos[:1], cache=cache, progress=False)
+    sub = next(cache.dir.glob("??"))
+    old, fresh = sub / ".rainclf-tmp-x.rce.1.aa", sub / ".rainclf-tmp-y.rce.2.bb"
+    old.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    cache2 = open_cache(tmp_path, tiny_backbone, "vision", -1, "")
+    cache2.put("%s" % sub.name + "f" * 62, np.zeros(3, dtype=np.float32))
+    assert not old.exists()          # an hour old: a killed run's leftover
+    assert fresh.exists()            # may belong to a run still writing

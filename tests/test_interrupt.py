@@ -293,7 +293,7 @@ def test_two_predicts_share_one_cache_concurrently(photos, model_dir, reference,
     entries = _cache_entries(cache)
     assert len(entries) == len(reference)
     assert all(decode_entry(p.read_bytes()) is not None for p in entries)
-    assert not [p for p in cache.rglob(".*") if p.is_file() and p.name.endswith(".tmp")]  # no leftovers
+    assert not [p for p in cache.rglob(".rainclf-tmp-*") if p.is_file()]  # no leftovers
 
 
 # ---------------------------------------------------------------------------------------------
