@@ -67,7 +67,9 @@ def _progress(quiet: bool) -> bool:
 
 
 common_run = [
-    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--device", default="auto", show_default=True,
+                 help="auto, cpu, cuda, cuda:N, or multi (one GLM-4V split over all GPUs of this node, "
+                      "for models too large for one card)."),
     click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
                  help="Images per forward pass."),
     click.option("--cache-dir", type=click.Path(file_okay=False),

@@ -138,16 +138,33 @@ class Glm4vBackbone(Backbone):
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # rainclf shows its own progress
-            self.device = resolve_device(self.options.device)
-            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+            placement = {}
+            if self.options.device == "multi":
+                # one model split layer by layer over this node's GPUs (too large for one card)
+                from .distributed import device_map_kwargs
+
+                placement = device_map_kwargs() if torch.cuda.is_available() else {}
+                if not placement:
+                    raise BackboneError("--device multi splits the model over this node's CUDA GPUs, "
+                                        "and torch sees none: use --device cpu or cuda")
+                dtype = torch.bfloat16
+            else:
+                self.device = resolve_device(self.options.device)
+                dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
             kwargs = dict(local_files_only=True, trust_remote_code=False)
             try:
                 processor = AutoProcessor.from_pretrained(self.model_dir, **kwargs)
-                model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype, **kwargs)
+                model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype, **placement,
+                                                                    **kwargs)
             except (OSError, ValueError) as e:
                 raise BackboneError(f"cannot load GLM-4V from {self.model_dir}: "
                                     f"{str(e).splitlines()[0]}") from None
-            model.to(self.device).eval().requires_grad_(False)
+            if placement:
+                # inputs start where tokens are embedded; accelerate's hooks move them between GPUs
+                self.device = str(model.get_input_embeddings().weight.device)
+                model.eval().requires_grad_(False)
+            else:
+                model.to(self.device).eval().requires_grad_(False)
             self._model, self._processor = model, processor
         return self._model, self._processor
 

@@ -185,3 +185,12 @@ def test_chatglm_with_flag_goes_to_remote_code_loader(tmp_path):
     assert b.kind == "chatglm" and b.dim("vision") == 32 and b.dim("answer") == 64
     with pytest.raises(BackboneError, match="cannot load ChatGLM"):
         b.embed(solid_images(1), "vision")
+
+
+def test_device_multi_needs_cuda_gpus():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device multi would load")
+    with pytest.raises(BackboneError, match="--device multi"):
+        create_backbone("glm4v-tiny", BackboneOptions(device="multi")).load()
