@@ -21,6 +21,7 @@ Thread counts are each library's default and are printed. Prints numbers, assert
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -151,7 +152,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="rainclf-bench-onnx-") as tmp:
         for feature in args.features.split(","):
             bench_feature(feature.strip(), args, photos, Path(tmp), rows, notes)
-    print(f"glm4v-tiny (random weights), {len(photos)} photos from {source}, image size 112; "
+    from rainclf.glm4v import tiny_model_dir
+
+    size = json.loads((tiny_model_dir() / "config.json").read_text())["vision_config"]["image_size"]
+    print(f"glm4v-tiny (random weights), {len(photos)} photos from {source}, image size {size}; "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__} "
           f"(default intra-op threads), {os.cpu_count()} CPUs")
     print_table(rows)
