@@ -7,7 +7,9 @@ band (the head is unsure) are asked again to a generative model directory.
 
 ``source`` says who decided: ``head`` or ``fallback``. A fallback answer that is not a valid label
 (free text, an unreadable file, no answer) never reaches the output: the head's label stands and
-the case is counted in ``notes``. Routed rows keep the head's verdict in ``head_label`` /
+the case is counted in ``notes``. When the head embeds with the same backbone as the generative
+model, it reuses the generative model's weights with the adapters off (one model in memory, not
+two). Routed rows keep the head's verdict in ``head_label`` /
 ``head_p_rain`` and the generative answer in ``raw`` / ``format_valid``, so a report can compare.
 """
 
@@ -18,6 +20,35 @@ from pathlib import Path
 from typing import Sequence
 
 from .labels import LABELS
+
+
+class AdapterOffBackbone:
+    """A generative model's backbone seen with its LoRA adapters switched off: the same frozen
+    weights the head was trained on, so one copy of a 9B model serves both head and fallback."""
+
+    def __init__(self, backbone, peft_model):
+        self._backbone, self._peft_model = backbone, peft_model
+
+    def __getattr__(self, name):
+        return getattr(self._backbone, name)
+
+    def embed(self, *args, **kwargs):
+        with self._peft_model.disable_adapter():
+            return self._backbone.embed(*args, **kwargs)
+
+
+def share_base_model(head_clf, gen_clf) -> bool:
+    """Point an embedding head at the generative model's base weights when they are the same
+    backbone (fingerprint and image size) and the head has not loaded its own copy yet."""
+    head_bb, gen_bb = getattr(head_clf, "backbone", None), getattr(gen_clf, "backbone", None)
+    peft_model = getattr(getattr(gen_clf, "model", None), "peft_model", None)
+    if head_bb is None or gen_bb is None or peft_model is None or not hasattr(head_clf, "embed"):
+        return False
+    if (getattr(head_bb, "_model", None) is not None or head_bb.fingerprint != gen_bb.fingerprint
+            or head_bb.image_size != gen_bb.image_size):
+        return False
+    head_clf.backbone = AdapterOffBackbone(gen_bb, peft_model)
+    return True
 
 
 class FallbackClassifier:
@@ -31,6 +62,7 @@ class FallbackClassifier:
         self.head, self.gen, self.band = head_clf, gen_clf, (lo, hi)
         self.config = head_clf.config
         self.notes: list[str] = []
+        self.shared_base = share_base_model(head_clf, gen_clf)
 
     def in_band(self, p_rain: float | None) -> bool:
         lo, hi = self.band

@@ -148,3 +148,26 @@ def test_cli_fallback_routing(dirs, band, source):
     assert all(r["label"] in LABELS for r in rows)
     asked = 12 if source == "fallback" else 0
     assert f"fallback: {asked} of 12 images asked" in result.output
+
+
+@pytest.mark.parametrize("feature", ["vision", "answer"])
+def test_linear_head_shares_the_generative_base_model(dirs, feature, tmp_path):
+    """A linear head + generative fallback on one backbone keep one model in memory: the head
+    embeds through the generative model with its adapters off, with unchanged probabilities."""
+    from rainclf.classifier import RunOptions, load_classifier
+    from rainclf.fit import FitOptions, fit
+    from rainclf.predict import open_classifier
+
+    lin = tmp_path / "lin"
+    fit(dirs / "data", lin, FitOptions(feature=feature, device="cpu", cache_dir=None, progress=False, val_split=0.0))
+    paths = sorted((dirs / "data").rglob("*.png"))
+    opts = RunOptions(device="cpu", progress=False)
+    alone = [r.p_rain for r in load_classifier(lin, opts).predict_paths(paths)]
+    combo = open_classifier(lin, opts, fallback=dirs / "gen", band=(0.5, 0.5))
+    assert combo.shared_base
+    gen_before = [r.p_rain for r in combo.gen.predict_paths(paths[:3])]
+    rows = combo.predict_paths(paths)
+    np.testing.assert_allclose([r.p_rain for r in rows], alone, rtol=0, atol=1e-6)
+    assert combo.head.backbone._model is combo.gen.backbone._model   # one base model, not two
+    # the generative model's adapters are back on afterwards: its answers are unchanged
+    assert [r.p_rain for r in combo.gen.predict_paths(paths[:3])] == gen_before
