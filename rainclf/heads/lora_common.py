@@ -22,7 +22,6 @@ import contextlib
 import math
 import random
 import re
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from typing import Callable, Sequence
 from ..backbones import BackboneError, BackboneOptions, create_backbone
 from ..distributed import (all_reduce_gradients, broadcast_object, broadcast_parameters,
                            ensure_process_group, mean_across_ranks, shard_batch)
+from ..fit import log
 from ..images import ImageError, decode_image, read_bytes
 from ..model_dir import ModelDirError
 
@@ -98,11 +98,6 @@ class LoraParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def log(msg: str, progress: bool = True) -> None:
-    if progress:
-        print(f"rainclf: {msg}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- precision
