@@ -211,16 +211,16 @@ def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, 
             band, fallback_decoding, device, batch_size, cache_dir, no_cache, quiet):
     """Label every image under INPUTS (a folder, searched recursively, or one file).
 
-    Finds .jpg .jpeg .png .webp .bmp (any case). A file that cannot be read becomes a row with an
+    Finds .jpg .jpeg .png .webp .bmp .gif (any case). A file that cannot be read becomes a row with an
     error and no label; the others are still predicted. Exit status 0 when at least one image was
     predicted, 1 when none could be, 2 on bad usage or input (see `rainclf --help`).
     """
     from .classifier import RunOptions
-    from .distributed import dist_context
-    from .predict import format_rows, predict as run_predict
+    from .distributed import dist_context, predict_sharded
+    from .predict import format_rows, predict
 
-    if dist_context().is_distributed:  # torchrun / accelerate launch: one shard per process
-        from .distributed import predict_sharded as run_predict
+    # torchrun / accelerate launch: one shard per process
+    run_predict = predict_sharded if dist_context().is_distributed else predict
     opts = RunOptions(device=device, batch_size=batch_size, cache_dir=_cache_dir(no_cache, cache_dir),
                       progress=_progress(quiet), backbone=backbone, engine=engine, decoding=decoding,
                       temperature=temperature, top_p=top_p, seed=seed)
@@ -256,11 +256,11 @@ def embed(data, out_file, backbone, feature, layer, prompt, image_size, weights,
           device, batch_size, cache_dir, no_cache, quiet):
     """Write the embeddings of DATA (a labelled dataset or a folder of images) to a safetensors file."""
     from .backbones import DEFAULT_PROMPT, BackboneOptions
-    from .distributed import dist_context
-    from .embed_file import embed_to_file
+    from .distributed import dist_context, embed_sharded
+    from .embed_file import embed_to_file as run_embed
 
-    if dist_context().is_distributed:  # torchrun / accelerate launch: one shard per process
-        from .distributed import embed_sharded as embed_to_file
+    # torchrun / accelerate launch: one shard per process
+    embed_to_file = embed_sharded if dist_context().is_distributed else run_embed
     result = embed_to_file(data, out_file, backbone, BackboneOptions(
         device=device, image_size=image_size, weights=weights, trust_remote_code=trust_remote_code),
         feature=feature, layer=layer, prompt=prompt or DEFAULT_PROMPT, batch_size=batch_size,
