@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from rainclf import __version__
 
 EXIT_NOTHING = 1
 EXIT_BAD_INPUT = 2
@@ -28,10 +28,10 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 
 def _user_errors():
     """Exception types that mean 'the user's input is wrong' (→ one line, exit 2)."""
-    from .backbones import BackboneError
-    from .data import DataError
-    from .images import ImageError
-    from .model_dir import ModelDirError
+    from rainclf.backbones.base import BackboneError
+    from rainclf.data.datasets import DataError
+    from rainclf.data.images import ImageError
+    from rainclf.model import ModelDirError
 
     return (BackboneError, DataError, ImageError, ModelDirError, FileExistsError, ValueError)
 
@@ -47,7 +47,7 @@ class _Group(click.Group):
 
 
 def _cache_dir(no_cache: bool, cache_dir: str | None):
-    from .backbones import default_cache_dir
+    from rainclf.backbones.base import default_cache_dir
 
     return None if no_cache else (Path(cache_dir) if cache_dir else default_cache_dir())
 
@@ -60,6 +60,12 @@ def parse_band(text: str) -> tuple[float, float]:
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"--band {text!r}: need 0 <= LO <= HI <= 1")
     return lo, hi
+
+
+def given(**options) -> dict:
+    """The options the user typed (click leaves the others None): a head refuses those it does
+    not use instead of silently dropping them."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _progress(quiet: bool) -> bool:
@@ -131,21 +137,22 @@ def main():
 @click.option("--C", "C", type=float, default=None, help="Linear head: inverse regularisation (default: by CV).")
 @click.option("--threshold-from-val", is_flag=True, help="Pick the threshold maximising validation balanced accuracy.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--lora-r", default=8, show_default=True, type=click.IntRange(min=1), help="LoRA rank (lora/generative heads).")
-@click.option("--lora-alpha", default=32, show_default=True, type=int, help="LoRA alpha.")
-@click.option("--lora-dropout", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
-              help="Comma-separated module names of the language model that get LoRA.")
-@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimizer steps (lora/generative).")
-@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="AdamW learning rate.")
-@click.option("--train-batch-size", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Gradient accumulation steps.")
-@click.option("--eval-every", default=20, show_default=True, type=click.IntRange(min=1), help="Validate every N steps.")
-@click.option("--patience", default=5, show_default=True, type=click.IntRange(min=1),
-              help="Early stopping: validations without improvement.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32", "fp16"]), default="auto", show_default=True,
-              help="Training precision: auto = bf16 on CUDA, fp32 on CPU. fp16 is refused without --force-fp16.")
-@click.option("--force-fp16", is_flag=True, help="Train in fp16 despite the overflow / mixed-language risk.")
+@click.option("--lora-r", type=click.IntRange(min=1), help="LoRA rank [default: 8].")
+@click.option("--lora-alpha", type=int, help="LoRA alpha (scaling = alpha / r) [default: 32].")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), help="[default: 0.1]")
+@click.option("--lora-targets", help="Comma-separated module names of the language model that get LoRA "
+                                     "[default: q_proj,k_proj,v_proj,o_proj].")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps [default: 200].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="AdamW learning rate [default: 1e-4].")
+@click.option("--train-batch-size", type=click.IntRange(min=1), help="Images per training micro-batch [default: 4].")
+@click.option("--grad-accum", type=click.IntRange(min=1), help="Gradient accumulation steps [default: 1].")
+@click.option("--eval-every", type=click.IntRange(min=1), help="Validate every N steps [default: 20].")
+@click.option("--patience", type=click.IntRange(min=1),
+              help="Early stopping: validations without improvement [default: 5].")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32", "fp16"]),
+              help="Training precision [default: auto = bf16 on CUDA, fp32 on CPU]. fp16 is refused without "
+                   "--force-fp16.")
+@click.option("--force-fp16", is_flag=True, default=None, help="Train in fp16 despite the overflow / mixed-language risk.")
 @_apply(common_run)
 def fit(data, out_dir, backbone, feature, layer, prompt, head, val_split, seed, image_size, weights,
         trust_remote_code, class_weight, C, threshold_from_val, overwrite, lora_r, lora_alpha, lora_dropout,
@@ -156,8 +163,9 @@ def fit(data, out_dir, backbone, feature, layer, prompt, head, val_split, seed, 
     DATA is a folder with 会下雨/不会下雨 (or rain/no_rain) subfolders, a GLM-4 fine-tuning JSONL,
     an ms-swift JSONL, or a CSV with label + path/image/file columns.
     """
-    from .backbones import DEFAULT_PROMPT
-    from .fit import FitOptions, fit as fit_model
+    from rainclf.backbones.base import DEFAULT_PROMPT
+    from rainclf.fit import FitOptions
+    from rainclf.fit import fit as fit_model
 
     opts = FitOptions(backbone=backbone, feature=feature, layer=layer, prompt=prompt or DEFAULT_PROMPT,
                       head=head, val_split=val_split, seed=seed, batch_size=batch_size, device=device,
@@ -165,13 +173,13 @@ def fit(data, out_dir, backbone, feature, layer, prompt, head, val_split, seed, 
                       cache_dir=_cache_dir(no_cache, cache_dir),
                       class_weight=None if class_weight == "none" else class_weight, C=C,
                       threshold_from_val=threshold_from_val, overwrite=overwrite, progress=_progress(quiet),
-                      head_params=dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                       lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
-                                       steps=steps, lr=lr, train_batch_size=train_batch_size,
-                                       grad_accum=grad_accum, eval_every=eval_every, patience=patience,
-                                       precision=precision, force_fp16=force_fp16))
+                      head_params=given(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                        lora_targets=lora_targets, steps=steps, lr=lr,
+                                        train_batch_size=train_batch_size, grad_accum=grad_accum,
+                                        eval_every=eval_every, patience=patience, precision=precision,
+                                        force_fp16=force_fp16))
     result = fit_model(data, out_dir, opts)
-    from .distributed import dist_context
+    from rainclf.parallel.ddp import dist_context
 
     if not dist_context().is_main:  # torchrun / accelerate launch: rank 0 wrote the model and reports
         return
@@ -215,9 +223,10 @@ def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, 
     error and no label; the others are still predicted. Exit status 0 when at least one image was
     predicted, 1 when none could be, 2 on bad usage or input (see `rainclf --help`).
     """
-    from .classifier import RunOptions
-    from .distributed import dist_context, predict_sharded
-    from .predict import format_rows, predict
+    from rainclf.config import RunOptions
+    from rainclf.parallel.ddp import dist_context
+    from rainclf.parallel.shards import predict_sharded
+    from rainclf.predict import format_rows, predict
 
     # torchrun / accelerate launch: one shard per process
     run_predict = predict_sharded if dist_context().is_distributed else predict
@@ -255,9 +264,10 @@ def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, 
 def embed(data, out_file, backbone, feature, layer, prompt, image_size, weights, trust_remote_code,
           device, batch_size, cache_dir, no_cache, quiet):
     """Write the embeddings of DATA (a labelled dataset or a folder of images) to a safetensors file."""
-    from .backbones import DEFAULT_PROMPT, BackboneOptions
-    from .distributed import dist_context, embed_sharded
-    from .embed_file import embed_to_file as run_embed
+    from rainclf.backbones.base import DEFAULT_PROMPT, BackboneOptions
+    from rainclf.embed.to_file import embed_to_file as run_embed
+    from rainclf.parallel.ddp import dist_context
+    from rainclf.parallel.shards import embed_sharded
 
     # torchrun / accelerate launch: one shard per process
     embed_to_file = embed_sharded if dist_context().is_distributed else run_embed
@@ -280,8 +290,8 @@ def embed(data, out_file, backbone, feature, layer, prompt, image_size, weights,
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(min=14), help="ONNX opset.")
 def export_cmd(model_dir, out_dir, include_backbone, opset):
     """Export MODEL_DIR's head (and with --include-backbone the whole image → label path) to ONNX,
-    for `rainclf predict --engine onnx` and the torch-free rainclf.runtime."""
-    from .export import export_onnx
+    for `rainclf predict --engine onnx` and the torch-free rainclf.onnx.runtime."""
+    from rainclf.onnx.export import export_onnx
 
     info = export_onnx(model_dir, out_dir, include_backbone=include_backbone, opset=opset)
     for name, graph in info["graphs"].items():
@@ -330,8 +340,8 @@ def evaluate_cmd(data, model_dirs, out_dir, fallback, band, fallback_decoding, d
     Timings would measure a disk read for cached embeddings, so the embedding cache is used only
     when --cache-dir is given. Exit status 0 on success, 2 on bad usage or input.
     """
-    from .classifier import RunOptions
-    from .evaluate import evaluate
+    from rainclf.config import RunOptions
+    from rainclf.report.evaluate import evaluate
 
     cache = _cache_dir(no_cache or not cache_dir, cache_dir)   # only an explicit --cache-dir
     opts = RunOptions(device=device, batch_size=batch_size, cache_dir=cache, progress=_progress(quiet),

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .atomic import atomic_file
-from .classifier import ROW_FIELDS, Row, RunOptions, load_classifier
-from .images import describe_path, find_images
+from rainclf.config import RunOptions
+from rainclf.data.images import describe_path, find_images
+from rainclf.heads.base import ROW_FIELDS, Row
+from rainclf.io import atomic_file
+from rainclf.model import load_classifier
 
 
 @dataclass
@@ -55,7 +57,7 @@ def open_classifier(model_dir, options: RunOptions, fallback=None, band=(0.35, 0
     """The classifier for a model directory: torch or ONNX engine, optionally with a generative
     fallback for images whose p_rain lies inside ``band``."""
     if options.engine == "onnx":
-        from .onnx_engine import load_onnx_classifier
+        from rainclf.onnx.engine import load_onnx_classifier
 
         clf = load_onnx_classifier(model_dir, options)
     elif options.engine == "torch":
@@ -65,7 +67,7 @@ def open_classifier(model_dir, options: RunOptions, fallback=None, band=(0.35, 0
     if fallback is not None:
         from dataclasses import replace
 
-        from .fallback import FallbackClassifier
+        from rainclf.heads.fallback import FallbackClassifier
 
         gen = load_classifier(fallback, replace(options, engine="torch", decoding=fallback_decoding))
         clf = FallbackClassifier(clf, gen, band)

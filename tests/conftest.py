@@ -24,7 +24,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from rainclf.backbones import BackboneOptions, create_backbone
+    from rainclf.backbones import create_backbone
+    from rainclf.backbones.base import BackboneOptions
 
     backbone = create_backbone("glm4v-tiny", BackboneOptions(device="cpu"))
     backbone.load()

@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from rainclf.backbones import BACKBONES, BackboneError, BackboneOptions, create_backbone
-from rainclf.glm4v import Glm4vBackbone, tiny_model_dir
-
 from helpers import solid_images
+
+from rainclf.backbones import BACKBONES, create_backbone
+from rainclf.backbones.base import BackboneError, BackboneOptions
+from rainclf.backbones.glm4v import Glm4vBackbone, tiny_model_dir
 
 
 def test_registry_names_builders():

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from rainclf.cache import EmbeddingCache, decode_entry, encode_entry
-from rainclf.features import embed_paths, extraction_namespace, open_cache
-
 from helpers import write_class_folders
+
+from rainclf.embed.cache import EmbeddingCache, decode_entry, encode_entry
+from rainclf.embed.extract import embed_paths, extraction_namespace, open_cache
 
 
 @pytest.fixture()
@@ -40,7 +39,8 @@ def test_second_run_is_served_from_cache_identically(tiny_backbone, photos, tmp_
 
 
 def test_cached_run_does_not_load_the_model(photos, tmp_path):
-    from rainclf.backbones import BackboneOptions, create_backbone
+    from rainclf.backbones import create_backbone
+    from rainclf.backbones.base import BackboneOptions
 
     first = create_backbone("glm4v-tiny", BackboneOptions(device="cpu"))
     embed_paths(first, photos, cache=open_cache(tmp_path, first, "vision", -1, ""), progress=False)

@@ -8,11 +8,10 @@ import io
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import write_class_folders
 
 from rainclf.cli import main
 from rainclf.labels import LABELS
-
-from helpers import write_class_folders
 
 
 @pytest.fixture(scope="module")

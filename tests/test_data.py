@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rainclf.data import (DataError, Example, check_trainable, load_dataset, load_groups,
-                          stratified_split)
+from rainclf.data.datasets import (
+    DataError,
+    Example,
+    check_trainable,
+    load_dataset,
+    load_groups,
+    stratified_split,
+)
 from rainclf.labels import NO_RAIN, RAIN
 
 WEATHER = Path(__file__).resolve().parents[1].parent / "shared" / "weather"

@@ -1,4 +1,4 @@
-"""rainclf.distributed: sharded embed/predict under torchrun and DDP training pieces, on the CPU
+"""rainclf.parallel: sharded embed/predict under torchrun and DDP training pieces, on the CPU
 with the gloo backend and 2 processes.
 
 The torchrun tests start real launchers (``python -m torch.distributed.run --nproc-per-node 2``)
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import write_class_folders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,13 +64,13 @@ def data(tmp_path_factory):
 
 
 def ctx(rank, world=2):
-    from rainclf.distributed import DistContext
+    from rainclf.parallel.ddp import DistContext
 
     return DistContext(rank=rank, world_size=world, local_rank=rank)
 
 
 def run_opts(**kw):
-    from rainclf.classifier import RunOptions
+    from rainclf.config import RunOptions
 
     return RunOptions(device="cpu", progress=False, batch_size=4, **kw)
 
@@ -83,7 +82,7 @@ def rows_of(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------- pure helpers
 
 def test_dist_context_reads_the_launcher_environment():
-    from rainclf.distributed import dist_context
+    from rainclf.parallel.ddp import dist_context
 
     assert dist_context({}) == ctx(0, 1)
     assert not dist_context({}).is_distributed
@@ -96,7 +95,7 @@ def test_dist_context_reads_the_launcher_environment():
 
 @pytest.mark.parametrize("n,world,batch", [(13, 2, 4), (3, 4, 1), (0, 2, 8), (100, 3, 8), (7, 2, 1)])
 def test_shards_are_disjoint_contiguous_and_batch_aligned(n, world, batch):
-    from rainclf.distributed import shard_range
+    from rainclf.parallel.shards import shard_range
 
     blocks = [shard_range(n, r, world, batch) for r in range(world)]
     assert [i for b in blocks for i in b] == list(range(n))       # rank order = input order
@@ -105,7 +104,7 @@ def test_shards_are_disjoint_contiguous_and_batch_aligned(n, world, batch):
 
 
 def test_rank_device_on_cpu():
-    from rainclf.distributed import rank_device
+    from rainclf.parallel.ddp import rank_device
 
     assert rank_device("auto", ctx(1)) == "cpu"
     assert rank_device("cpu", ctx(1)) == "cpu"
@@ -113,7 +112,7 @@ def test_rank_device_on_cpu():
 
 
 def test_device_map_kwargs():
-    from rainclf.distributed import device_map_kwargs
+    from rainclf.parallel.ddp import device_map_kwargs
 
     assert device_map_kwargs(gpu_free_bytes=[], ctx=ctx(0, 1)) == {}
     kw = device_map_kwargs(0.5, gpu_free_bytes=[80 * 2**30, 40 * 2**30], ctx=ctx(0, 1))
@@ -125,8 +124,14 @@ def test_device_map_kwargs():
 def test_training_helpers_are_no_ops_in_one_process():
     import torch
 
-    from rainclf.distributed import (all_reduce_gradients, broadcast_object, gather_for_metrics,
-                                     main_process_only, mean_across_ranks, shard_batch)
+    from rainclf.parallel.ddp import (
+        all_reduce_gradients,
+        broadcast_object,
+        gather_for_metrics,
+        main_process_only,
+        mean_across_ranks,
+        shard_batch,
+    )
 
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), 2.0)
@@ -147,8 +152,8 @@ def test_embed_shards_merge_to_the_single_process_file(data, tmp_path):
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
-    from rainclf.distributed import SHARDS_DIR, embed_sharded
-    from rainclf.embed_file import embed_to_file
+    from rainclf.embed.to_file import embed_to_file
+    from rainclf.parallel.shards import SHARDS_DIR, embed_sharded
 
     single, merged = tmp_path / "single.safetensors", tmp_path / "merged.safetensors"
     embed_to_file(data["train"], single, "glm4v-tiny", batch_size=4, progress=False)
@@ -172,7 +177,7 @@ def test_embed_shards_merge_to_the_single_process_file(data, tmp_path):
 def test_predict_rerun_reuses_finished_shards(data, tmp_path):
     """Rank 1 finished, rank 0 died: the rerun computes shard 0 only. Proof: a marker put into
     shard 1's rows shows up in the merged output."""
-    from rainclf.distributed import SHARDS_DIR, predict_sharded
+    from rainclf.parallel.shards import SHARDS_DIR, predict_sharded
     from rainclf.predict import predict
 
     out = tmp_path / "rows.jsonl"
@@ -195,7 +200,7 @@ def test_predict_rerun_reuses_finished_shards(data, tmp_path):
 
 
 def test_predict_sharded_needs_an_output_file(data):
-    from rainclf.distributed import predict_sharded
+    from rainclf.parallel.shards import predict_sharded
 
     with pytest.raises(ValueError, match="pass -o"):
         predict_sharded(data["photos"], data["model"], run_opts(), ctx=ctx(0))
@@ -207,7 +212,7 @@ def test_torchrun_embed_equals_one_process(data, tmp_path):
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
-    from rainclf.embed_file import embed_to_file
+    from rainclf.embed.to_file import embed_to_file
 
     single, merged = tmp_path / "single.safetensors", tmp_path / "merged.safetensors"
     embed_to_file(data["train"], single, "glm4v-tiny", batch_size=4, progress=False)
@@ -223,7 +228,7 @@ def test_torchrun_embed_equals_one_process(data, tmp_path):
 
 def test_torchrun_predict_equals_one_process_and_resumes(data, tmp_path):
     """Shard 0 pre-made by a 'rank 0 that died waiting'; torchrun computes only shard 1."""
-    from rainclf.distributed import predict_sharded
+    from rainclf.parallel.shards import predict_sharded
     from rainclf.predict import predict
 
     out = tmp_path / "rows.csv"
@@ -284,9 +289,10 @@ def test_torchrun_fit_lora_matches_one_process_with_doubled_batch(tmp_path):
     import torch
     from click.testing import CliRunner
 
-    from rainclf.atomic import TMP_PREFIX
-    from rainclf.classifier import RunOptions, load_classifier
     from rainclf.cli import main
+    from rainclf.config import RunOptions
+    from rainclf.io import TMP_PREFIX
+    from rainclf.model import load_classifier
 
     data = write_class_folders(tmp_path / "data", n_per_class=5)      # 8 train / 2 validation
     ddp_dir, single_dir = tmp_path / "out" / "ddp", tmp_path / "single"
@@ -340,7 +346,7 @@ def _linear_curves(ctx_, steps: int = 8, per_rank: int = 4) -> dict:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from rainclf.distributed import gather_for_metrics, mean_across_ranks, wrap_for_ddp
+    from rainclf.parallel.ddp import gather_for_metrics, mean_across_ranks, wrap_for_ddp
 
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(64, 16, generator=g), torch.randint(0, 2, (64,), generator=g)
@@ -386,12 +392,16 @@ def _lora_curves(ctx_, steps: int = 4, per_rank: int = 2) -> dict:
     (its forward goes around any DDP wrapper): same global batch on every rank, each rank its
     half, gradients all-reduced before the step."""
     import torch
-
     from helpers import solid_images
-    from rainclf.backbones import BackboneOptions
-    from rainclf.distributed import all_reduce_gradients, mean_across_ranks, shard_batch
+
+    from rainclf.backbones.base import BackboneOptions
+    from rainclf.heads.adapters import LoraParams, private_backbone
     from rainclf.heads.lora import build_lora_head
-    from rainclf.heads.lora_common import LoraParams, private_backbone
+    from rainclf.parallel.ddp import (
+        all_reduce_gradients,
+        mean_across_ranks,
+        shard_batch,
+    )
 
     params = LoraParams(lora_r=4, lora_dropout=0.0, lr=5e-3, train_batch_size=per_rank)
     images = solid_images(8, seed=3)
@@ -424,7 +434,11 @@ def _lora_curves(ctx_, steps: int = 4, per_rank: int = 2) -> dict:
 
 
 def _ddp_worker(out_dir: Path) -> None:
-    from rainclf.distributed import broadcast_object, ensure_process_group, main_process_only
+    from rainclf.parallel.ddp import (
+        broadcast_object,
+        ensure_process_group,
+        main_process_only,
+    )
 
     ctx_ = ensure_process_group()
     result = {"linear": _linear_curves(ctx_)}

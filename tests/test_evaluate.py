@@ -1,4 +1,4 @@
-"""rainclf.evaluate on glm4v-tiny (random weights): every model given gets a column, the numbers in
+"""rainclf.report.evaluate on glm4v-tiny (random weights): every model given gets a column, the numbers in
 report.md are those of metrics.json, predictions/<model>.csv has one row per image, an unreadable
 image counts as wrong, and the ``rainclf evaluate`` command. Metric formulas themselves are tested
 in test_metrics.py; the HTML/markdown rendering in test_report.py."""
@@ -12,24 +12,23 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from helpers import write_class_folders
 
 from rainclf.cli import main
-from rainclf.report import MISSING, SECTIONS
-
-from helpers import write_class_folders
+from rainclf.report.render import MISSING, SECTIONS
 
 HAS_LORA = importlib.util.find_spec("rainclf.heads.lora") is not None
 HAS_GENERATIVE = importlib.util.find_spec("rainclf.heads.generative") is not None
-HAS_FALLBACK = importlib.util.find_spec("rainclf.fallback") is not None
+HAS_FALLBACK = importlib.util.find_spec("rainclf.heads.fallback") is not None
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """Fit the tiny models once (linear on both features; LoRA and generative when their modules
     exist), add an unreadable image, evaluate everything with the fallback combination."""
-    from rainclf.classifier import RunOptions
-    from rainclf.evaluate import evaluate
+    from rainclf.config import RunOptions
     from rainclf.fit import FitOptions, fit
+    from rainclf.report.evaluate import evaluate
 
     root = tmp_path_factory.mktemp("evaluate")
     with pytest.MonkeyPatch.context() as mp:
@@ -171,8 +170,8 @@ def test_fallback_combination_routes_by_band(evaluated):
 
 
 def test_bad_inputs_refused_before_any_model_work(evaluated, tmp_path):
-    from rainclf.evaluate import evaluate
-    from rainclf.model_dir import ModelDirError
+    from rainclf.model import ModelDirError
+    from rainclf.report.evaluate import evaluate
 
     vision = evaluated["dirs"][0]
     with pytest.raises(ModelDirError):
@@ -204,7 +203,7 @@ def test_roc_points_match_scikit_learn_and_auc():
     import numpy as np
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from rainclf.evaluate import roc_points
+    from rainclf.report.evaluate import roc_points
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 60).astype(float)

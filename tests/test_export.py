@@ -1,4 +1,4 @@
-"""Tests for rainclf.export and rainclf.onnx_engine: ONNX graphs of the tiny GLM-4V (random weights)
+"""Tests for rainclf.onnx.export and rainclf.onnx.engine: ONNX graphs of the tiny GLM-4V (random weights)
 against torch on real photos, metadata, atomic writing, and ``rainclf predict --engine onnx``."""
 
 from __future__ import annotations
@@ -15,13 +15,20 @@ pytest.importorskip("onnxruntime")
 
 from click.testing import CliRunner  # noqa: E402
 
-from rainclf import export as export_mod  # noqa: E402
-from rainclf.classifier import RunOptions, load_classifier  # noqa: E402
+from rainclf.onnx import export as export_mod  # noqa: E402
 from rainclf.cli import main  # noqa: E402
-from rainclf.export import ExportFailure, export_onnx  # noqa: E402
-from rainclf.model_dir import ModelConfig, ModelDirError, read_config, write_common_files  # noqa: E402
-from rainclf.onnx_engine import load_onnx_classifier  # noqa: E402
-from rainclf.runtime import METADATA_FILE, OnnxClassifier, read_metadata  # noqa: E402
+from rainclf.config import RunOptions
+from rainclf.model import (  # noqa: E402
+    ModelConfig,
+    ModelDirError,
+    load_classifier,  # noqa: E402
+    read_config,
+    write_common_files,
+)
+from rainclf.onnx.engine import load_onnx_classifier  # noqa: E402
+from rainclf.onnx.export import ExportFailure, export_onnx  # noqa: E402
+from rainclf.onnx.format import METADATA_FILE, read_metadata
+from rainclf.onnx.runtime import OnnxClassifier  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_TRAIN = REPO / "data" / "sample" / "train"
@@ -31,9 +38,9 @@ TORCH = RunOptions(device="cpu", cache_dir=None, progress=False)
 
 def make_linear_model_dir(out: Path, backbone, feature: str = "vision", layer: int = -1) -> Path:
     """A linear-head model directory fitted on data/sample in-process (no `rainclf fit` run)."""
-    from rainclf.backbones import DEFAULT_PROMPT
+    from rainclf.backbones.base import DEFAULT_PROMPT
+    from rainclf.data.images import load_image
     from rainclf.heads.linear import LinearHead
-    from rainclf.images import load_image
     from rainclf.labels import LABELS
 
     paths = sorted(SAMPLE_TRAIN.glob("*/*.jpg"))

@@ -1,4 +1,4 @@
-"""Tests for rainclf.fallback: routing by the head's p_rain, invalid fallback answers never reaching
+"""Tests for rainclf.heads.fallback: routing by the head's p_rain, invalid fallback answers never reaching
 the output, and the CLI end to end with a real LoRA head + generative directory on glm4v-tiny."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rainclf.classifier import Row
-from rainclf.fallback import FallbackClassifier
+from rainclf.heads.base import Row
+from rainclf.heads.fallback import FallbackClassifier
 from rainclf.labels import LABELS, NO_RAIN, RAIN
 
 P_RAIN = [0.0, 0.1, 0.35, 0.5, 0.65, 0.9, 1.0]
@@ -154,8 +154,9 @@ def test_cli_fallback_routing(dirs, band, source):
 def test_linear_head_shares_the_generative_base_model(dirs, feature, tmp_path):
     """A linear head + generative fallback on one backbone keep one model in memory: the head
     embeds through the generative model with its adapters off, with unchanged probabilities."""
-    from rainclf.classifier import RunOptions, load_classifier
+    from rainclf.config import RunOptions
     from rainclf.fit import FitOptions, fit
+    from rainclf.model import load_classifier
     from rainclf.predict import open_classifier
 
     lin = tmp_path / "lin"

@@ -9,14 +9,14 @@ import sys
 
 import numpy as np
 import pytest
-
-from rainclf.classifier import RunOptions, load_classifier
-from rainclf.fit import FitOptions, best_threshold, fit
-from rainclf.labels import LABELS
-from rainclf.model_dir import CONFIG_FILE, ModelDirError, read_config
-from rainclf.predict import predict
-
 from helpers import write_class_folders
+
+from rainclf.config import RunOptions
+from rainclf.fit import FitOptions, fit
+from rainclf.heads.linear import best_threshold
+from rainclf.labels import LABELS
+from rainclf.model import CONFIG_FILE, ModelDirError, load_classifier, read_config
+from rainclf.predict import predict
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_fit_predict_round_trip_identical_probabilities(model_dir, dataset):
 def test_reload_in_a_new_process_gives_identical_probabilities(model_dir, dataset, tmp_path):
     out1, out2 = tmp_path / "a.csv", tmp_path / "b.jsonl"
     predict(dataset, model_dir, RunOptions(device="cpu", progress=False), output=out1)
-    code = ("import sys; from rainclf.predict import predict; from rainclf.classifier import RunOptions;"
+    code = ("import sys; from rainclf.predict import predict; from rainclf.config import RunOptions;"
             f"predict({str(dataset)!r}, {str(model_dir)!r}, RunOptions(device='cpu', progress=False, cache_dir=None),"
             f" output={str(out2)!r})")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -111,8 +111,9 @@ def test_fit_on_shared_jsonl(weather_dir, tmp_path):
 def test_moved_or_changed_backbone_refused(model_dir, tmp_path):
     import shutil
 
-    from rainclf.glm4v import tiny_model_dir
     from safetensors.torch import load_file, save_file
+
+    from rainclf.backbones.glm4v import tiny_model_dir
 
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir(), other)

@@ -13,14 +13,13 @@ from collections import Counter
 
 import pytest
 from click.testing import CliRunner
+from conftest import REPO
+from helpers import write_class_folders
 from PIL import Image
 
 from rainclf.cli import main
+from rainclf.data.images import describe_path
 from rainclf.fit import FitOptions, fit
-from rainclf.images import describe_path
-
-from conftest import REPO
-from helpers import write_class_folders
 
 N_FILES = 300
 SEED = 20240607

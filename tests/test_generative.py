@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import helpers
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -15,16 +15,22 @@ pytest.importorskip("peft")
 
 from click.testing import CliRunner  # noqa: E402
 
-from rainclf.backbones import BackboneOptions, DEFAULT_PROMPT  # noqa: E402
-from rainclf.classifier import RunOptions, load_classifier  # noqa: E402
+from rainclf.backbones.base import DEFAULT_PROMPT, BackboneOptions  # noqa: E402
 from rainclf.cli import main  # noqa: E402
+from rainclf.config import RunOptions
 from rainclf.fit import FitOptions, fit  # noqa: E402
-from rainclf.heads.generative import (GenerativeClassifier, answer_labels,  # noqa: E402
-                                      build_generative, fit_generative)
-from rainclf.heads.lora_common import FP16_REFUSAL, LoraParams, private_backbone  # noqa: E402
+from rainclf.heads.adapters import FP16_REFUSAL, LoraParams, private_backbone  # noqa: E402
+from rainclf.heads.generative import (  # noqa: E402
+    GenerativeClassifier,
+    answer_labels,
+    build_generative,
+)
 from rainclf.labels import LABELS, RAIN  # noqa: E402
-from rainclf.model_dir import ModelConfig  # noqa: E402
-from rainclf.quality import summarise  # noqa: E402
+from rainclf.model import (
+    ModelConfig,  # noqa: E402
+    load_classifier,  # noqa: E402
+)
+from rainclf.report.quality import summarise  # noqa: E402
 
 SIZE = 112
 LONG = "图片中天气晴朗，没有乌云，所以不会下雨。"
@@ -268,7 +274,7 @@ def test_sampled_answer_follows_the_image_not_its_position(untrained, train_imag
 
 def test_fp16_refused_by_library(tmp_path):
     with pytest.raises(ValueError) as e:
-        fit_generative(tmp_path / "missing", tmp_path / "out", gen_options(head_params={"precision": "fp16"}))
+        fit(tmp_path / "missing", tmp_path / "out", gen_options(head_params={"precision": "fp16"}))
     msg = str(e.value)
     assert msg == FP16_REFUSAL and "overflow" in msg and "English" in msg and "--force-fp16" in msg
     assert not (tmp_path / "out").exists()

@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from rainclf.images import (IMAGE_EXTENSIONS, ImageError, NoImagesError, decode_image,
-                            describe_path, find_images, load_image, read_bytes)
+from rainclf.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageError,
+    NoImagesError,
+    decode_image,
+    describe_path,
+    find_images,
+    load_image,
+    read_bytes,
+)
 
 
 def _save(path: Path, im: Image.Image, fmt: str | None = None, **kw) -> Path:

@@ -21,18 +21,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from rainclf.atomic import STALE_SECONDS, TMP_PREFIX
-from rainclf.cache import decode_entry
-from rainclf.classifier import RunOptions, load_classifier
-from rainclf.cli import main
-from rainclf.fit import FitOptions, fit
-from rainclf.labels import LABELS
-from rainclf.model_dir import read_config
-from rainclf.predict import predict
-
 from conftest import REPO
 from helpers import solid_images, write_class_folders
+
+from rainclf.cli import main
+from rainclf.config import RunOptions
+from rainclf.embed.cache import decode_entry
+from rainclf.fit import FitOptions, fit
+from rainclf.io import STALE_SECONDS, TMP_PREFIX
+from rainclf.labels import LABELS
+from rainclf.model import load_classifier, read_config
+from rainclf.predict import predict
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="SIGKILL and fork semantics are POSIX")
 
@@ -47,18 +46,18 @@ def hang():
     time.sleep(3600)
 
 if hook == "slow-cache":        # real embedding work, each cache write followed by a pause
-    from rainclf.cache import EmbeddingCache
+    from rainclf.embed.cache import EmbeddingCache
     put = EmbeddingCache.put
     def slow_put(self, sha, vector):
         put(self, sha, vector)
         time.sleep(0.25)
     EmbeddingCache.put = slow_put
 elif hook == "fit-write":       # stop while the model directory is half written
-    import rainclf.fit
+    import rainclf.heads.linear
     def half_written(directory, config, metrics):
         (directory / "config.json").write_text(config.to_json()[:50], encoding="utf-8")
         hang()
-    rainclf.fit.write_common_files = half_written
+    rainclf.heads.linear.write_common_files = half_written
 elif hook == "predict-write":   # stop after half the output file was written and flushed
     import rainclf.predict
     atomic_file = rainclf.predict.atomic_file
@@ -71,12 +70,12 @@ elif hook == "predict-write":   # stop after half the output file was written an
             yield Half()
     rainclf.predict.atomic_file = half_atomic
 elif hook == "export-write":    # stop after the first ONNX graph was written
-    import rainclf.export
-    save_graph = rainclf.export._save_graph
+    import rainclf.onnx.export
+    save_graph = rainclf.onnx.export._save_graph
     def save_then_stop(*args, **kwargs):
         save_graph(*args, **kwargs)
         hang()
-    rainclf.export._save_graph = save_then_stop
+    rainclf.onnx.export._save_graph = save_then_stop
 from rainclf.cli import main
 sys.argv = ["rainclf"] + sys.argv[1:]
 main()

@@ -5,21 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import helpers
+import numpy as np
 import pytest
 from PIL import Image
 
 pytest.importorskip("peft")
 
-from rainclf.backbones import BackboneOptions, DEFAULT_PROMPT  # noqa: E402
-from rainclf.classifier import RunOptions, load_classifier  # noqa: E402
+from rainclf.backbones.base import DEFAULT_PROMPT, BackboneOptions  # noqa: E402
+from rainclf.config import RunOptions
 from rainclf.fit import FitOptions, fit  # noqa: E402
-from rainclf.heads.lora import LoraHeadModel, build_lora_head, fit_lora  # noqa: E402
-from rainclf.heads.lora_common import (FP16_REFUSAL, LoraParams, minibatches,  # noqa: E402
-                                       private_backbone)
+from rainclf.heads.adapters import FP16_REFUSAL, LoraParams, private_backbone
+from rainclf.heads.lora import LoraHeadModel, build_lora_head  # noqa: E402
+from rainclf.heads.train import minibatches
 from rainclf.labels import LABELS, RAIN  # noqa: E402
-from rainclf.model_dir import ModelConfig, write_common_files  # noqa: E402
+from rainclf.model import (  # noqa: E402
+    ModelConfig,
+    load_classifier,  # noqa: E402
+    write_common_files,
+)
 
 SIZE = 112
 
@@ -148,7 +152,7 @@ def test_unreadable_file_becomes_error_row(fitted, red_blue, tmp_path):
 def test_fit_skips_unreadable_training_images(tmp_path):
     data = make_red_blue(tmp_path / "data", n_per_class=4)
     (data / RAIN / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    result = fit_lora(data, tmp_path / "out", lora_options(val_split=0.0, head_params={"steps": 2}))
+    result = fit(data, tmp_path / "out", lora_options(val_split=0.0, head_params={"steps": 2}))
     assert result.metrics["n_skipped"] == 1 and "zz_broken.png" in result.metrics["skipped"][0]
     assert result.metrics["n_train"] == 8
     assert result.metrics["selection"].startswith("last step")
@@ -157,7 +161,7 @@ def test_fit_skips_unreadable_training_images(tmp_path):
 def test_fp16_is_refused_before_any_work(tmp_path):
     opts = lora_options(head_params={"precision": "fp16"})
     with pytest.raises(ValueError) as e:
-        fit_lora(tmp_path / "no-such-data", tmp_path / "out", opts)   # refused before reading data
+        fit(tmp_path / "no-such-data", tmp_path / "out", opts)   # refused before reading data
     assert str(e.value) == FP16_REFUSAL
     assert not (tmp_path / "out").exists()
 

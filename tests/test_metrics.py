@@ -1,4 +1,4 @@
-"""Tests for rainclf.metrics: checked against scikit-learn and against hand-computed cases."""
+"""Tests for rainclf.report.metrics: checked against scikit-learn and against hand-computed cases."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sklearn.metrics import (
 )
 
 from rainclf.labels import LABELS, NO_RAIN, RAIN
-from rainclf.metrics import (
+from rainclf.report.metrics import (
     classification_metrics,
     expected_calibration_error,
     latency_summary,

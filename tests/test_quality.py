@@ -1,11 +1,16 @@
-"""Tests for rainclf.quality on hand-written answers, including the baseline's failure modes."""
+"""Tests for rainclf.report.quality on hand-written answers, including the baseline's failure modes."""
 
 from __future__ import annotations
 
 import pytest
 
 from rainclf.labels import NO_RAIN, RAIN
-from rainclf.quality import assess_answer, labels_mentioned, latin_fraction, summarise
+from rainclf.report.quality import (
+    assess_answer,
+    labels_mentioned,
+    latin_fraction,
+    summarise,
+)
 
 SENTENCE = "图片中天气晴朗，没有乌云，所以不会下雨。"
 MIXED = "The sky is 阴天, will rain 会下雨"

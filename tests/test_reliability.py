@@ -21,19 +21,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import write_class_folders
 from PIL import Image, features
 
-from rainclf.classifier import RunOptions, load_classifier
 from rainclf.cli import main
-from rainclf.data import DataError
-from rainclf.features import embed_paths
+from rainclf.config import RunOptions
+from rainclf.data.datasets import DataError
+from rainclf.data.images import NoImagesError, describe_path
+from rainclf.embed.extract import embed_paths
 from rainclf.fit import FitOptions, fit
-from rainclf.images import NoImagesError, describe_path
 from rainclf.labels import LABELS
-from rainclf.model_dir import CONFIG_FILE, ModelDirError
+from rainclf.model import CONFIG_FILE, ModelDirError, load_classifier
 from rainclf.predict import predict
-
-from helpers import write_class_folders
 
 CPU = RunOptions(device="cpu", progress=False)
 
@@ -173,14 +172,14 @@ def locked_unreadable(bad_folder):
         if os.access(folder / "locked.jpg", os.R_OK):
             import builtins
 
-            import rainclf.images
+            import rainclf.data.images
 
             def guarded_open(file, *args, **kwargs):
                 if os.fsencode(file).endswith(b"/locked.jpg"):
                     raise PermissionError(13, "Permission denied", os.fsdecode(file))
                 return builtins.open(file, *args, **kwargs)
 
-            mp.setattr(rainclf.images, "open", guarded_open, raising=False)
+            mp.setattr(rainclf.data.images, "open", guarded_open, raising=False)
         yield
 
 
@@ -271,7 +270,7 @@ def test_broken_exif_is_ignored_silently(tmp_path):
     import io
     import warnings
 
-    from rainclf.images import load_image
+    from rainclf.data.images import load_image
 
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -345,14 +344,14 @@ def test_single_bad_file_argument(model_dir, tmp_path):
 @pytest.fixture
 def no_model_work(monkeypatch):
     """Make building or loading any backbone fail loudly: data errors must come first."""
-    import rainclf.fit
-    from rainclf.glm4v import Glm4vBackbone
+    import rainclf.heads.linear
+    from rainclf.backbones.glm4v import Glm4vBackbone
 
     def refuse(*args, **kwargs):
         raise AssertionError("a backbone was built/loaded before the data was validated")
 
     monkeypatch.setattr(Glm4vBackbone, "load", refuse)
-    monkeypatch.setattr(rainclf.fit, "create_backbone", refuse)
+    monkeypatch.setattr(rainclf.heads.linear, "create_backbone", refuse)
 
 
 def _record(image: str, label: str) -> str:
@@ -456,7 +455,7 @@ def test_mismatch_backbone_fingerprint(model_dir, dataset, tmp_path):
 def test_mismatch_backbone_weights(model_dir, dataset, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from rainclf.glm4v import tiny_model_dir
+    from rainclf.backbones.glm4v import tiny_model_dir
 
     other = tmp_path / "other-backbone"
     shutil.copytree(tiny_model_dir(), other)

@@ -1,4 +1,4 @@
-"""rainclf.report / rainclf.plots on a hand-built metrics dict (no models, fast): one self-contained
+"""rainclf.report.render / rainclf.report.plots on a hand-built metrics dict (no models, fast): one self-contained
 HTML file with embedded PNGs, the random-weight flag in bold, missing values shown as a dash,
 escaping, the matplotlib install hint. The end-to-end check (report.md numbers == metrics.json on
 glm4v-tiny) lives in test_evaluate.py."""
@@ -13,9 +13,20 @@ import numpy as np
 import pytest
 
 from rainclf.labels import LABELS, NO_RAIN, RAIN
-from rainclf.metrics import classification_metrics, latency_summary, reliability_bins
-from rainclf.report import (MISSING, PlottingUnavailable, check_plotting, html_report, markdown_report,
-                            section_tables, write_reports)
+from rainclf.report.metrics import (
+    classification_metrics,
+    latency_summary,
+    reliability_bins,
+)
+from rainclf.report.render import (
+    MISSING,
+    PlottingUnavailable,
+    check_plotting,
+    html_report,
+    markdown_report,
+    section_tables,
+    write_reports,
+)
 
 
 def _model(seed: int, generative: bool = False) -> dict:

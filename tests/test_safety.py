@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from rainclf.classifier import RunOptions, load_classifier
-from rainclf.cli import main
-from rainclf.fit import FitOptions, fit
-from rainclf.predict import predict
-
 from conftest import REPO
 from helpers import write_class_folders
+
+from rainclf.cli import main
+from rainclf.config import RunOptions
+from rainclf.fit import FitOptions, fit
+from rainclf.model import load_classifier
+from rainclf.predict import predict
 
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy", ".npz", ".h5"}
 BANNED_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
@@ -128,7 +128,7 @@ def test_linear_model_dir_cache_and_outputs_hold_no_pickle(linear_dir, dataset):
 
 
 def test_onnx_export_holds_no_pickle(linear_dir):
-    if importlib.util.find_spec("rainclf.export") is None or "export" not in main.commands:
+    if importlib.util.find_spec("rainclf.onnx.export") is None or "export" not in main.commands:
         pytest.skip("rainclf export does not exist in this checkout")
     if importlib.util.find_spec("onnx") is None:
         pytest.skip("onnx is not installed")
@@ -163,7 +163,7 @@ def test_adapter_model_dirs_hold_no_pickle(head, dataset, tmp_path, one_thread):
 
 
 def test_committed_tiny_backbone_holds_no_pickle():
-    from rainclf.glm4v import tiny_model_dir
+    from rainclf.backbones.glm4v import tiny_model_dir
 
     assert pickle_findings(tiny_model_dir()) == []
 
@@ -192,8 +192,8 @@ def test_predict_never_unpickles(linear_dir, dataset, monkeypatch):
 def test_glm4v_loader_never_trusts_remote_code(monkeypatch):
     import transformers
 
-    from rainclf.backbones import BackboneOptions
-    from rainclf.glm4v import Glm4vBackbone
+    from rainclf.backbones.base import BackboneOptions
+    from rainclf.backbones.glm4v import Glm4vBackbone
 
     seen = []
 
@@ -319,10 +319,10 @@ def test_source_tree_has_no_unsafe_loading():
 
 def test_chatglm_remote_code_needs_the_flag(tmp_path):
     """The one place that sets trust_remote_code=True refuses to exist without the user's flag."""
-    if importlib.util.find_spec("rainclf.chatglm_backbone") is None:
+    if importlib.util.find_spec("rainclf.backbones.chatglm") is None:
         pytest.skip("no remote-code backbone in this checkout")
-    from rainclf.backbones import BackboneError, BackboneOptions
-    from rainclf.chatglm_backbone import ChatGLMBackbone
+    from rainclf.backbones.base import BackboneError, BackboneOptions
+    from rainclf.backbones.chatglm import ChatGLMBackbone
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatglm", "hidden_size": 8, "num_layers": 1}))
     with pytest.raises(BackboneError, match="--trust-remote-code"):

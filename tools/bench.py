@@ -63,8 +63,8 @@ def full_size_backbone(device: str, meta: bool = False):
     import torch
     from transformers import AutoProcessor, Glm4vConfig, Glm4vForConditionalGeneration
 
-    from rainclf.backbones import BackboneOptions
-    from rainclf.glm4v import RANDOM_MARKER, Glm4vBackbone, tiny_model_dir
+    from rainclf.backbones.base import BackboneOptions
+    from rainclf.backbones.glm4v import RANDOM_MARKER, Glm4vBackbone, tiny_model_dir
 
     tiny = tiny_model_dir()
     tmp = Path(tempfile.mkdtemp(prefix="rainclf-fullsize-"))
@@ -171,7 +171,7 @@ def build_paths(backbone, args, notes: list) -> dict:
     (it wraps the model in place), so frozen paths are timed before it (``order`` below)."""
     import torch
 
-    from rainclf.backbones import DEFAULT_PROMPT
+    from rainclf.backbones.base import DEFAULT_PROMPT
 
     dev = backbone.device
     dtype = backbone.load()[0].dtype
@@ -195,12 +195,12 @@ def build_paths(backbone, args, notes: list) -> dict:
 def lora_paths(backbone, args, notes: list) -> dict:
     import torch
 
-    from rainclf.backbones import DEFAULT_PROMPT
+    from rainclf.backbones.base import DEFAULT_PROMPT
 
     try:
+        from rainclf.heads.adapters import LoraParams, amp_dtype, attach_lora
         from rainclf.heads.generative import GenerativeModel
         from rainclf.heads.lora import LoraHeadModel
-        from rainclf.heads.lora_common import LoraParams, amp_dtype, attach_lora
     except ImportError as e:
         notes.append(f"LoRA and generative paths skipped: {e}")
         return {}, []
@@ -233,9 +233,9 @@ def lora_paths(backbone, args, notes: list) -> dict:
 def onnx_path(backbone, args, notes: list, workdir: Path):
     """Fit a vision linear head on a few labelled photos, export image → label, time onnxruntime."""
     try:
-        from rainclf.export import export_onnx
         from rainclf.fit import FitOptions, fit
-        from rainclf.runtime import OnnxClassifier
+        from rainclf.onnx.export import export_onnx
+        from rainclf.onnx.runtime import OnnxClassifier
     except ImportError as e:
         notes.append(f"ONNX path skipped: {e}")
         return None
@@ -344,7 +344,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from rainclf.backbones import DEFAULT_PROMPT, BackboneOptions, create_backbone, resolve_device
+    from rainclf.backbones import create_backbone
+    from rainclf.backbones.base import DEFAULT_PROMPT, BackboneOptions, resolve_device
 
     notes: list[str] = []
     if args.full_size_random:

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from rainclf.classifier import RunOptions
+from rainclf.config import RunOptions
 from rainclf.predict import predict
 t1 = time.perf_counter()
 run = predict(sys.argv[1], sys.argv[2], RunOptions(device="cpu", progress=False, cache_dir=sys.argv[3]))

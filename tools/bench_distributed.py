@@ -38,10 +38,12 @@ def worker(folder: str, out_dir: str, backbone_name: str, batch_size: int, repea
     ``repeat``: the machine may be shared, the minimum is the least disturbed run)."""
     import torch
 
-    from rainclf.backbones import BackboneOptions, create_backbone
-    from rainclf.distributed import dist_context, rank_device, shard_range
-    from rainclf.features import embed_paths
-    from rainclf.images import find_images
+    from rainclf.backbones import create_backbone
+    from rainclf.backbones.base import BackboneOptions
+    from rainclf.data.images import find_images
+    from rainclf.embed.extract import embed_paths
+    from rainclf.parallel.ddp import dist_context, rank_device
+    from rainclf.parallel.shards import shard_range
 
     ctx = dist_context()
     paths, _ = find_images(folder)

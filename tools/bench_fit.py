@@ -47,7 +47,8 @@ def images_for(n: int):
 def bench_extraction(n: int, batch_size: int) -> None:
     import torch
 
-    from rainclf.backbones import BackboneOptions, create_backbone
+    from rainclf.backbones import create_backbone
+    from rainclf.backbones.base import BackboneOptions
 
     images, what = images_for(n)
     backbone = create_backbone("glm4v-tiny", BackboneOptions(device="cpu"))

@@ -54,7 +54,7 @@ def timed_steps(params, named, n_train, loss_fn, modules, device, dtype, steps: 
     """steps/s of the real training loop (no validation), after a 2-step warm-up."""
     from dataclasses import replace
 
-    from rainclf.heads.lora_common import train_loop
+    from rainclf.heads.train import train_loop
 
     train_loop(replace(params, steps=2), named, n_train, loss_fn, None, modules, device, dtype, progress=False)
     out = train_loop(replace(params, steps=steps), named, n_train, loss_fn, None, modules, device, dtype,
@@ -68,11 +68,12 @@ def bench_tiny(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from rainclf.backbones import BackboneOptions, create_backbone
+    from rainclf.backbones import create_backbone
+    from rainclf.backbones.base import BackboneOptions
+    from rainclf.heads.adapters import LoraParams, private_backbone
     from rainclf.heads.generative import build_generative
-    from rainclf.heads.lora import build_lora_head
-    from rainclf.heads.lora_common import LoraParams, private_backbone
     from rainclf.heads.linear import LinearHead
+    from rainclf.heads.lora import build_lora_head
     from rainclf.labels import LABELS
 
     images, labels = synthetic(args.images, 112)
@@ -148,11 +149,11 @@ def bench_full_size(args) -> None:
     import torch.nn.functional as F
     from transformers import AutoProcessor, Glm4vForConditionalGeneration
 
-    from rainclf.backbones import BackboneOptions, resolve_device
-    from rainclf.glm4v import Glm4vBackbone
+    from rainclf.backbones.base import BackboneOptions, resolve_device
+    from rainclf.backbones.glm4v import Glm4vBackbone
+    from rainclf.heads.adapters import LoraParams, amp_dtype, attach_lora
     from rainclf.heads.generative import GenerativeModel
     from rainclf.heads.lora import build_lora_head
-    from rainclf.heads.lora_common import LoraParams, amp_dtype, attach_lora
     from rainclf.labels import LABELS
 
     device = resolve_device(args.device)

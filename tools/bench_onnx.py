@@ -9,7 +9,7 @@ exported with ``--include-backbone`` into a temporary folder; the photos are rea
 
     image → label   decoded RGB images → p_rain. torch: Glm4vBackbone.embed (processor +
                     model) + the numpy linear head, exactly what ``--engine torch`` runs;
-                    onnxruntime: numpy preprocessing + the image graph (rainclf.runtime).
+                    onnxruntime: numpy preprocessing + the image graph (rainclf.onnx.runtime).
     head only       (N, dim) float32 embeddings → p_rain. torch engine: LinearHead (numpy
                     float64); onnxruntime: the head graph.
 
@@ -37,7 +37,7 @@ SAMPLE = REPO / "data" / "sample"
 
 
 def load_photos(n: int) -> list:
-    from rainclf.images import load_image
+    from rainclf.data.images import load_image
 
     paths = sorted(WEATHER.glob("*.jpg")) if WEATHER.is_dir() else sorted(SAMPLE.glob("**/*.jpg"))
     paths = paths[:: max(1, len(paths) // n)][:n]
@@ -65,8 +65,8 @@ def timed(fn, items, batch: int, calls: int, warmup: int, sync=lambda: None) -> 
 
 def build(feature: str, workdir: Path):
     """A fitted linear model directory for ``feature`` and its export (image graph + head graph)."""
-    from rainclf.export import export_onnx
     from rainclf.fit import FitOptions, fit
+    from rainclf.onnx.export import export_onnx
 
     model_dir = workdir / feature
     fit(SAMPLE / "train", model_dir, FitOptions(feature=feature, cache_dir=None, progress=False,
@@ -78,10 +78,10 @@ def build(feature: str, workdir: Path):
 def bench_feature(feature: str, args, photos, workdir: Path, rows: list, notes: list) -> None:
     import torch
 
-    from rainclf.classifier import RunOptions, backbone_for
+    from rainclf.config import RunOptions
     from rainclf.heads.linear import LinearHead
-    from rainclf.model_dir import read_config
-    from rainclf.runtime import OnnxClassifier
+    from rainclf.model import backbone_for, read_config
+    from rainclf.onnx.runtime import OnnxClassifier
 
     model_dir, info = build(feature, workdir)
     config = read_config(model_dir)
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="rainclf-bench-onnx-") as tmp:
         for feature in args.features.split(","):
             bench_feature(feature.strip(), args, photos, Path(tmp), rows, notes)
-    from rainclf.glm4v import tiny_model_dir
+    from rainclf.backbones.glm4v import tiny_model_dir
 
     size = json.loads((tiny_model_dir() / "config.json").read_text())["vision_config"]["image_size"]
     print(f"glm4v-tiny (random weights), {len(photos)} photos from {source}, image size {size}; "

@@ -150,7 +150,7 @@ def write_corpus(folder: Path, n: int, seed: int) -> dict[str, str]:
 
 def decode_each(folder: Path, names) -> list[str]:
     """Decode every file on its own; return one line per crash (an exception other than ImageError)."""
-    from rainclf.images import ImageError, load_image
+    from rainclf.data.images import ImageError, load_image
 
     crashes = []
     for name in sorted(names):
@@ -166,7 +166,7 @@ def decode_each(folder: Path, names) -> list[str]:
 def account(rows, folder: Path, names) -> list[str]:
     """Problems with the rows: missing, duplicate or unknown files, rows with neither or both of
     label and error, labels outside the two, multi-line errors, errors not naming the file."""
-    from rainclf.images import describe_path
+    from rainclf.data.images import describe_path
     from rainclf.labels import LABELS
 
     prefix = describe_path(folder) + "/"
@@ -192,7 +192,7 @@ def error_kind(error: str) -> str:
 
 def run_campaign(folder: Path, model_dir: Path, n: int, seed: int, batch_size: int = 16,
                  cache_dir=None) -> dict:
-    from rainclf.classifier import RunOptions
+    from rainclf.config import RunOptions
     from rainclf.predict import predict
 
     t0 = time.perf_counter()

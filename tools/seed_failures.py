@@ -43,7 +43,7 @@ FP16_MAX = 65504.0
 # --------------------------------------------------------------------------- data and model
 
 def load_subset(n_train: int, n_val: int, seed: int):
-    from rainclf.data import load_dataset, stratified_split
+    from rainclf.data.datasets import load_dataset, stratified_split
 
     weather = REPO.parent / "shared" / "weather"
     source = weather / "train.jsonl" if (weather / "train.jsonl").is_file() else weather / "manifest.csv"
@@ -58,9 +58,10 @@ def load_subset(n_train: int, n_val: int, seed: int):
 def new_model(seed: int):
     """The generative LoRA model on its own glm4v-tiny (r 8, alpha 32, q/k/v/o), built once; every
     run starts from ``fresh(gen)``, the adapter as initialised (B = 0: the base model)."""
-    from rainclf.backbones import DEFAULT_PROMPT, BackboneOptions
+    from rainclf.backbones.base import DEFAULT_PROMPT, BackboneOptions
+    from rainclf.heads.adapters import LoraParams, private_backbone
     from rainclf.heads.generative import build_generative
-    from rainclf.heads.lora_common import LoraParams, _snapshot, private_backbone
+    from rainclf.heads.train import _snapshot
 
     backbone = private_backbone("glm4v-tiny", BackboneOptions(device="cpu"))
     gen = build_generative(backbone, LoraParams(), DEFAULT_PROMPT, seed)
@@ -71,20 +72,20 @@ def new_model(seed: int):
 
 def fresh(gen, state: dict | None = None):
     """Put the adapter back to its initial (or the given) state; returns ``gen``."""
-    from rainclf.heads.lora_common import restore
+    from rainclf.heads.train import restore
 
     restore(gen.named_trainable(), state or gen.initial_state)
     return gen
 
 
 def snapshot(gen) -> dict:
-    from rainclf.heads.lora_common import _snapshot
+    from rainclf.heads.train import _snapshot
 
     return _snapshot(gen.named_trainable())
 
 
 def decode(gen, examples):
-    from rainclf.heads.lora_common import decode_paths
+    from rainclf.heads.train import decode_paths
     from rainclf.labels import LABELS
 
     images, errors = decode_paths([e.path for e in examples], gen.backbone)
@@ -113,7 +114,7 @@ def validate(gen, images, labels, max_new_tokens: int) -> dict:
     import torch
 
     from rainclf.labels import normalise_label
-    from rainclf.quality import summarise
+    from rainclf.report.quality import summarise
 
     gen.peft_model.eval()
     with torch.no_grad():
@@ -131,7 +132,7 @@ def train(gen, data, steps: int, batch: int, lr: float, eval_every: int, precisi
     ``watch`` the largest |activation| seen in the language model."""
     import torch
 
-    from rainclf.heads.lora_common import minibatches
+    from rainclf.heads.train import minibatches
 
     tr_im, tr_y, va_im, va_y = data
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -222,7 +223,7 @@ def exp_batch(gen, data, args, long_run: dict) -> dict:
 
 def exp_sampling(gen, data, args) -> dict:
     from rainclf.labels import normalise_label
-    from rainclf.quality import summarise
+    from rainclf.report.quality import summarise
 
     fresh(gen, gen.trained_state)
     va_im, va_y = data[2][:args.sample_images], data[3][:args.sample_images]
@@ -289,9 +290,9 @@ def main(argv=None) -> int:
     import platform
 
     import torch
-
-    from rainclf.atomic import atomic_dir
     from seed_failures_report import markdown, plots, verdicts
+
+    from rainclf.io import atomic_dir
 
     start = time.perf_counter()
     train_ex, val_ex, source = load_subset(args.train, args.val, args.seed)

@@ -28,18 +28,29 @@ from typing import Sequence
 
 import numpy as np
 
-from ..atomic import atomic_dir
-from ..backbones import BackboneError, BackboneOptions
-from ..classifier import Row, RunOptions, backbone_for, register_head_loader
-from ..distributed import barrier, ensure_process_group, rank_device
-from ..fit import FITTERS, FitOptions, FitResult, prepare_data
-from ..labels import LABELS, normalise_label
-from ..metrics import classification_metrics
-from ..model_dir import ModelConfig, write_common_files
-from ..quality import assess_answer, summarise
-from .lora_common import (ADAPTER_DIR, LoraParams, amp_dtype, attach_lora, autocast, check_precision,
-                          cuda_devices, decode_examples, decode_paths, load_adapter, log,
-                          precision_name, private_backbone, restore, save_adapter, train_loop)
+from rainclf.backbones.base import BackboneError, BackboneOptions
+from rainclf.config import FitOptions, RunOptions
+from rainclf.heads.adapters import (
+    ADAPTER_DIR,
+    LoraParams,
+    amp_dtype,
+    attach_lora,
+    autocast,
+    check_precision,
+    cuda_devices,
+    load_adapter,
+    precision_name,
+    private_backbone,
+    save_adapter,
+)
+from rainclf.heads.base import Row
+from rainclf.heads.train import decode_examples, decode_paths, log, restore, train_loop
+from rainclf.io import atomic_dir
+from rainclf.labels import LABELS, normalise_label
+from rainclf.model import FitResult, ModelConfig, backbone_for, write_common_files
+from rainclf.parallel.ddp import barrier, ensure_process_group, rank_device
+from rainclf.report.metrics import classification_metrics
+from rainclf.report.quality import assess_answer, summarise
 
 LAST_ADAPTER_DIR = "adapter_last"
 DECODINGS = ("greedy", "sample", "constrained")
@@ -209,14 +220,13 @@ def evaluate_answers(gen: GenerativeModel, images, labels: Sequence[str], batch_
             "rank": (acc, q["format_valid_rate"]), "_texts": texts}
 
 
-def fit_generative(data, out_dir, options: FitOptions) -> FitResult:
+def fit_generative(train: list, val: list, out_dir, options: FitOptions) -> FitResult:
     """Fit the generative baseline on DATA and write its model directory to OUT_DIR (atomically)."""
     import torch
 
     params = LoraParams.from_dict(options.head_params)
     check_precision(params)   # before any data or model work
     ctx = ensure_process_group()   # torchrun / accelerate launch: DDP by hand in train_loop
-    train, val = prepare_data(data, options)
     backbone = private_backbone(options.backbone, BackboneOptions(
         device=rank_device(options.device, ctx), image_size=options.image_size,
         trust_remote_code=options.trust_remote_code))
@@ -368,5 +378,3 @@ class GenerativeClassifier:
         return self.answer([im for _, im in good])
 
 
-FITTERS["generative"] = fit_generative
-register_head_loader("generative", GenerativeClassifier)

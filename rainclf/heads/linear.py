@@ -9,10 +9,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from ..labels import LABELS
+from rainclf.backbones import create_backbone
+from rainclf.backbones.base import BackboneOptions
+from rainclf.config import FitOptions, RunOptions
+from rainclf.embed.extract import embed_paths, extraction_namespace, open_cache
+from rainclf.heads.base import Row
+from rainclf.io import atomic_dir, log
+from rainclf.labels import LABELS, label_to_index
+from rainclf.model import (
+    FitResult,
+    ModelConfig,
+    ModelDirError,
+    backbone_for,
+    check_extraction,
+    write_common_files,
+)
+from rainclf.report.metrics import classification_metrics
 
 HEAD_FILE = "head.safetensors"
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
@@ -117,3 +133,124 @@ class LinearHead:
         head.n_features_in_ = head.coef_.shape[0]
         head.classes_ = np.array(LABELS)
         return head
+
+
+class LinearClassifier:
+    """Frozen backbone embeddings → linear head."""
+
+    def __init__(self, config: ModelConfig, model_dir: Path, options: RunOptions):
+        from rainclf.heads.linear import LinearHead
+
+        self.config, self.model_dir, self.options = config, model_dir, options
+        self.head = LinearHead.load(model_dir)
+        if config.dim is not None and self.head.n_features_in_ != config.dim:
+            raise ModelDirError(f"{model_dir}: head.safetensors expects {self.head.n_features_in_}-d "
+                                f"embeddings but config.json says {config.dim}: the directory is damaged "
+                                "— restore it or refit")
+        self.backbone = backbone_for(config, model_dir, options)
+        if self.backbone.dim(config.feature) != self.head.n_features_in_:
+            raise ModelDirError(f"{model_dir}: head expects {self.head.n_features_in_}-d embeddings, "
+                                f"backbone {self.backbone.name} gives {self.backbone.dim(config.feature)}-d "
+                                f"for feature {config.feature!r} — the head was trained on another backbone "
+                                "or feature: use that one or refit with this backbone")
+        check_extraction(self.head.trained_on_, extraction_namespace(
+            self.backbone, config.feature, config.layer, config.prompt or ""), model_dir)
+
+    def embed(self, paths: Sequence[Path]):
+        o, c = self.options, self.config
+        cache = open_cache(o.cache_dir, self.backbone, c.feature, c.layer, c.prompt or "")
+        return embed_paths(self.backbone, paths, c.feature, c.layer, c.prompt or "",
+                           batch_size=o.batch_size, cache=cache, progress=o.progress, desc="predict")
+
+    def p_rain_from_embeddings(self, vectors: np.ndarray) -> np.ndarray:
+        return self.head.predict_proba(vectors)[:, 1]
+
+    def predict_paths(self, paths: Sequence[str | Path]) -> list[Row]:
+        result = self.embed(paths)
+        rows = [Row(path=str(p), error=e) for p, e in zip(result.paths, result.errors)]
+        ok = result.ok
+        if ok.any():
+            p = self.p_rain_from_embeddings(result.vectors[ok])
+            for row, pr in zip((r for r, good in zip(rows, ok) if good), p):
+                row.p_rain = float(pr)
+                row.label = LABELS[1] if pr >= self.config.threshold else LABELS[0]
+        self.last_embed = result
+        return rows
+
+
+# --------------------------------------------------------------------------- fit
+
+def check_options(options: FitOptions) -> None:
+    """The linear head has no LoRA/generative hyper-parameters: refuse them instead of ignoring."""
+    if options.head_params:
+        raise ValueError(f"--head linear takes no {', '.join(sorted(options.head_params))} "
+                         "(those are LoRA/generative options): drop them or pick --head lora|generative")
+
+
+def best_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The threshold that maximises balanced accuracy on (y, p); midpoint between scores."""
+    cands = np.unique(p)
+    if len(cands) < 2:
+        return 0.5
+    mids = (cands[:-1] + cands[1:]) / 2
+    best, best_score = 0.5, -1.0
+    for t in mids:
+        pred = p >= t
+        score = np.mean([np.mean(pred[y == c] == c) for c in (0, 1) if np.any(y == c)])
+        if score > best_score + 1e-12:
+            best, best_score = float(t), score
+    return float(min(max(best, 1e-6), 1 - 1e-6))
+
+
+def fit_linear(train: list, val: list, out_dir, options: FitOptions) -> FitResult:
+    """Embed train + validation through the cache, fit ``LinearHead``, write the model directory."""
+    backbone = create_backbone(options.backbone, BackboneOptions(
+        device=options.device, image_size=options.image_size, weights=options.weights,
+        trust_remote_code=options.trust_remote_code))
+    backbone.check_feature(options.feature, options.layer)
+    if backbone.random_weights:
+        log(f"backbone {backbone.name} has RANDOM weights: its accuracy says nothing about real models",
+            options.progress)
+    cache = open_cache(options.cache_dir, backbone, options.feature, options.layer, options.prompt)
+    every = train + val
+    res = embed_paths(backbone, [e.path for e in every], options.feature, options.layer, options.prompt,
+                      batch_size=options.batch_size, cache=cache, progress=options.progress, desc="fit")
+    bad = [(e, err) for e, err in zip(every, res.errors) if err is not None]
+    for e, err in bad:
+        log(f"skipped {e.origin}: {err}", options.progress)
+    ok = res.ok
+    X, y = res.vectors, np.array([label_to_index(e.label) for e in every])
+    n_train = len(train)
+    tr, va = ok[:n_train], ok[n_train:]
+    Xtr, ytr = X[:n_train][tr], y[:n_train][tr]
+    if len(np.unique(ytr)) < 2:
+        raise ValueError("after skipping unreadable images the training part has only one label")
+    head = LinearHead(C=options.C, class_weight=options.class_weight, seed=options.seed).fit(Xtr, ytr)
+    threshold = 0.5
+    metrics: dict = {"n_train": int(tr.sum()), "n_val": int(va.sum()), "n_skipped": len(bad),
+                     "skipped": [f"{e.origin}: {err}" for e, err in bad], "C": head.C_,
+                     "random_weights_backbone": backbone.random_weights,
+                     "embed_seconds": round(res.seconds, 3), "embed_cached": res.n_cached}
+    if va.any():
+        Xva, yva = X[n_train:][va], y[n_train:][va]
+        p = head.predict_proba(Xva)[:, 1]
+        if options.threshold_from_val:
+            threshold = best_threshold(yva, p)
+        labels_true = [LABELS[i] for i in yva]
+        pred = [LABELS[1] if q >= threshold else LABELS[0] for q in p]
+        metrics["validation"] = classification_metrics(labels_true, p.tolist(), pred, threshold)
+    ident = backbone.describe()
+    if options.weights:
+        ident["weights"] = str(Path(options.weights).resolve())
+    config = ModelConfig(head="linear", backbone=ident, feature=options.feature,
+                         layer=options.layer if options.feature == "answer" else -1,
+                         prompt=options.prompt if options.feature == "answer" else None,
+                         dim=int(X.shape[1]), threshold=threshold,
+                         head_params={"C": head.C_, "class_weight": options.class_weight})
+    with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
+        # recorded in the head too, so a head copied into another directory or an edited
+        # config.json is caught at load time (classifier.py), even when the dimensions agree
+        namespace = extraction_namespace(backbone, options.feature, options.layer, options.prompt)
+        head.save(tmp, metadata={"extraction": json.dumps(namespace, sort_keys=True, ensure_ascii=False)})
+        write_common_files(tmp, config, metrics)
+    return FitResult(Path(out_dir), metrics, config)

@@ -23,17 +23,34 @@ from typing import Sequence
 
 import numpy as np
 
-from ..atomic import atomic_dir
-from ..backbones import BackboneError, BackboneOptions
-from ..classifier import Row, RunOptions, backbone_for, register_head_loader
-from ..distributed import barrier, ensure_process_group, rank_device
-from ..fit import FITTERS, FitOptions, FitResult, prepare_data
-from ..labels import LABELS
-from ..metrics import classification_metrics
-from ..model_dir import ModelConfig, ModelDirError, write_common_files
-from .lora_common import (ADAPTER_DIR, LoraParams, amp_dtype, attach_lora, autocast, check_precision,
-                          cuda_devices, decode_examples, decode_paths, load_adapter, log,
-                          precision_name, private_backbone, restore, save_adapter, train_loop)
+from rainclf.backbones.base import BackboneError, BackboneOptions
+from rainclf.config import FitOptions, RunOptions
+from rainclf.heads.adapters import (
+    ADAPTER_DIR,
+    LoraParams,
+    amp_dtype,
+    attach_lora,
+    autocast,
+    check_precision,
+    cuda_devices,
+    load_adapter,
+    precision_name,
+    private_backbone,
+    save_adapter,
+)
+from rainclf.heads.base import Row
+from rainclf.heads.train import decode_examples, decode_paths, log, restore, train_loop
+from rainclf.io import atomic_dir
+from rainclf.labels import LABELS
+from rainclf.model import (
+    FitResult,
+    ModelConfig,
+    ModelDirError,
+    backbone_for,
+    write_common_files,
+)
+from rainclf.parallel.ddp import barrier, ensure_process_group, rank_device
+from rainclf.report.metrics import classification_metrics
 
 SCORE_FILE = "score.safetensors"
 
@@ -130,7 +147,7 @@ def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def fit_lora(data, out_dir, options: FitOptions) -> FitResult:
+def fit_lora(train: list, val: list, out_dir, options: FitOptions) -> FitResult:
     """Fit the LoRA head on DATA and write its model directory to OUT_DIR (atomically)."""
     import torch
     import torch.nn.functional as F
@@ -141,7 +158,6 @@ def fit_lora(data, out_dir, options: FitOptions) -> FitResult:
     if options.feature != "answer":
         log("--head lora reads the answer feature (LoRA adapts the language model); "
             f"--feature {options.feature} is ignored", options.progress)
-    train, val = prepare_data(data, options)
     backbone = private_backbone(options.backbone, BackboneOptions(
         device=rank_device(options.device, ctx), image_size=options.image_size,
         trust_remote_code=options.trust_remote_code), options.layer)
@@ -243,5 +259,3 @@ def predict_rows(paths, options: RunOptions, p_fn, backbone, threshold: float, s
     return rows
 
 
-FITTERS["lora"] = fit_lora
-register_head_loader("lora", LoraClassifier)

@@ -25,21 +25,21 @@ the same command skips every shard that is already there and valid.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .atomic import atomic_file
+from rainclf.io import atomic_file
+from rainclf.parallel.ddp import DistContext, dist_context, rank_device, shard_range
 
 SHARDS_DIR = ".shards"
 TIMEOUT_ENV = "RAINCLF_SHARD_TIMEOUT"     # seconds rank 0 waits for the other shards
@@ -48,63 +48,12 @@ DEFAULT_TIMEOUT = 6 * 3600.0
 _NOT_IN_KEY = ("device", "progress", "cache_dir", "providers")
 
 
-# --------------------------------------------------------------------------- who am I
-
-@dataclass(frozen=True)
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def dist_context(environ=None) -> DistContext:
-    """Rank, world size and local rank as torchrun / accelerate launch set them (one process
-    without them)."""
-    env = os.environ if environ is None else environ
-    try:
-        world = int(env.get("WORLD_SIZE") or 1)
-        rank = int(env.get("RANK") or 0)
-        local = int(env.get("LOCAL_RANK") or rank)
-    except ValueError:
-        raise ValueError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun or "
-                         "accelerate launch)") from None
-    if world < 1 or not 0 <= rank < world or local < 0:
-        raise ValueError(f"inconsistent launcher environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}")
-    return DistContext(rank, world, local)
-
-
-def rank_device(requested: str, ctx: DistContext) -> str:
-    """One device per rank: ``auto``/``cuda`` → cuda:LOCAL_RANK when CUDA is there, else cpu."""
-    if not ctx.is_distributed or requested not in ("auto", "cuda"):
-        return requested
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:{ctx.local_rank % torch.cuda.device_count()}"
-    return "cpu" if requested == "auto" else requested   # "cuda" without CUDA: the usual error
-
-
 def _log(ctx: DistContext, msg: str, progress: bool) -> None:
     if progress:
         print(f"rainclf: [rank {ctx.rank}/{ctx.world_size}] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- sharding
-
-def shard_range(n: int, rank: int, world: int, batch_size: int = 1) -> range:
-    """Rank ``rank``'s contiguous block of ``n`` items, cut on multiples of ``batch_size``."""
-    n_batches = -(-n // batch_size)
-    lo, hi = rank * n_batches // world, (rank + 1) * n_batches // world
-    return range(min(lo * batch_size, n), min(hi * batch_size, n))
-
 
 def run_key(kind: str, paths: Sequence[Path], settings: dict) -> str:
     """Hash of what a run computes: the inputs (path, size, mtime) and every setting."""
@@ -211,9 +160,15 @@ def embed_sharded(data, out_file, backbone_name: str, backbone_options=None, fea
                   progress: bool = True, ctx: DistContext | None = None, timeout: float | None = None):
     """``embed_to_file`` with one shard per rank. Returns its summary dict on rank 0 (plus
     ``shard_seconds`` and ``shards_reused``), None on the other ranks."""
-    from .backbones import DEFAULT_PROMPT, BackboneOptions, create_backbone
-    from .embed_file import dataset_or_images, write_embed_file
-    from .features import EmbedResult, embed_paths, extraction_namespace, open_cache
+    from rainclf.backbones import create_backbone
+    from rainclf.backbones.base import DEFAULT_PROMPT, BackboneOptions
+    from rainclf.embed.extract import (
+        EmbedResult,
+        embed_paths,
+        extraction_namespace,
+        open_cache,
+    )
+    from rainclf.embed.to_file import dataset_or_images, write_embed_file
 
     ctx = ctx or dist_context()
     prompt = DEFAULT_PROMPT if prompt is None else prompt
@@ -293,9 +248,10 @@ def predict_sharded(inputs, model_dir, options=None, output=None, classifier=Non
                     ctx: DistContext | None = None, timeout: float | None = None):
     """``predict`` with one shard per rank (same signature). Returns the PredictRun on rank 0,
     None on the other ranks. Needs ``output``: the shards are kept beside it."""
-    from .classifier import Row, RunOptions
-    from .images import find_images
-    from .predict import output_format, predict
+    from rainclf.config import RunOptions
+    from rainclf.data.images import find_images
+    from rainclf.heads.base import Row
+    from rainclf.predict import output_format, predict
 
     ctx = ctx or dist_context()
     options = options or RunOptions()
@@ -350,181 +306,3 @@ def predict_sharded(inputs, model_dir, options=None, output=None, classifier=Non
     return run
 
 
-# --------------------------------------------------------------------------- training (DDP)
-
-def ensure_process_group() -> DistContext:
-    """Join the launcher's process group once (nccl on CUDA, gloo on CPU, through accelerate);
-    nothing to do for one process."""
-    ctx = dist_context()
-    if ctx.is_distributed:
-        import torch
-
-        # accelerate only uses gloo when told the run is CPU-only; otherwise it would silently
-        # fall back to one process on a machine without CUDA
-        _accelerate().PartialState(cpu=not torch.cuda.is_available())
-    return ctx
-
-
-def _accelerate():
-    try:
-        import accelerate
-    except ImportError:
-        raise ImportError("multi-process training needs accelerate: pip install accelerate") from None
-    return accelerate
-
-
-def _group_ready() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def wrap_for_ddp(model, optimizer, dataloader=None, **accelerator_kwargs):
-    """(accelerator, model, optimizer, dataloader) prepared by ``accelerate.Accelerator``: the
-    model in DDP (gradients all-reduced in ``accelerator.backward``), the dataloader sharded per
-    rank. The forward pass must go through the returned model: DDP syncs gradients only for
-    forwards it saw (calling ``model.module`` or a submodule directly trains each rank alone)."""
-    import torch
-
-    accelerator_kwargs.setdefault("cpu", not torch.cuda.is_available())
-    accelerator = _accelerate().Accelerator(**accelerator_kwargs)
-    if dataloader is None:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    else:
-        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
-    return accelerator, model, optimizer, dataloader
-
-
-def shard_batch(indices: Sequence[int], ctx: DistContext | None = None) -> list[int]:
-    """This rank's contiguous part of a global batch (all ranks draw the same global batch)."""
-    ctx = ctx or dist_context()
-    return [indices[i] for i in shard_range(len(indices), ctx.rank, ctx.world_size)]
-
-
-def all_reduce_gradients(params, local_count: int | None = None) -> None:
-    """Average ``.grad`` over ranks, by hand (for loops whose forward bypasses a DDP wrapper).
-    With ``local_count`` (examples behind this rank's loss) ranks are weighted by it, so the
-    result is the gradient of the mean loss over the global batch even for unequal parts."""
-    import torch
-    import torch.distributed as dist
-
-    if not _group_ready():
-        return
-    params = [p for p in params if p.requires_grad]
-    world = dist.get_world_size()
-    if local_count is None:
-        weight = 1.0 / world
-    else:
-        total = torch.tensor([float(local_count)], dtype=torch.float64, device=params[0].device)
-        dist.all_reduce(total)
-        weight = float(local_count) / float(total.item())
-    for dtype in sorted({p.dtype for p in params}, key=str):     # one all_reduce per dtype
-        group = [p for p in params if p.dtype == dtype]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
-        flat.mul_(weight)
-        dist.all_reduce(flat)
-        offset = 0
-        for p in group:
-            g = flat[offset:offset + p.numel()].view_as(p)
-            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
-            offset += p.numel()
-
-
-def broadcast_parameters(params, src: int = 0) -> None:
-    """Make every rank start from rank ``src``'s weights (DDP does this when it wraps a model)."""
-    import torch.distributed as dist
-
-    if _group_ready():
-        for p in params:
-            dist.broadcast(p.data, src)
-
-
-def mean_across_ranks(value: float) -> float:
-    """Mean of a Python number over ranks (e.g. the loss of equal per-rank batches, for logging)."""
-    if not _group_ready():
-        return float(value)
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
-
-
-def gather_for_metrics(values, accelerator=None):
-    """Every rank's ``values`` (array, tensor or list), concatenated in rank order, on every rank.
-    With an accelerator: ``accelerator.gather_for_metrics`` (drops the sampler's padding)."""
-    if accelerator is not None:
-        return accelerator.gather_for_metrics(values)
-    if not _group_ready():
-        return values
-    import torch
-    import torch.distributed as dist
-
-    parts = [None] * dist.get_world_size()
-    moved = values.detach().cpu() if isinstance(values, torch.Tensor) else values
-    dist.all_gather_object(parts, moved)
-    if isinstance(values, torch.Tensor):
-        return torch.cat(parts).to(values.device)
-    if isinstance(values, np.ndarray):
-        return np.concatenate(parts)
-    return [v for part in parts for v in part]
-
-
-def broadcast_object(obj, src: int = 0):
-    """Rank ``src``'s ``obj`` on every rank: for decisions all ranks must take alike (early
-    stopping on a validation each rank ran itself: a one-ulp difference must not split them)."""
-    if not _group_ready():
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src)
-    return box[0]
-
-
-def barrier() -> None:
-    if _group_ready():
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def main_process_only(fn):
-    """Decorator: the body runs on rank 0 only (e.g. writing the model directory); every rank
-    then waits until it is done. Other ranks get None. All ranks must call it."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        result = fn(*args, **kwargs) if dist_context().is_main else None
-        barrier()
-        return result
-    return wrapper
-
-
-# --------------------------------------------------------------------------- big models
-
-def device_map_kwargs(max_memory_fraction: float = 0.9, gpu_free_bytes: Sequence[int] | None = None,
-                      cpu_offload_bytes: int | None = None, ctx: DistContext | None = None) -> dict:
-    """``from_pretrained`` kwargs placing one model on this node's GPUs.
-
-    One process: ``device_map="auto"`` with a ``max_memory`` budget per GPU (fraction of its free
-    memory), so a model too large for one card is split layer by layer across all of them
-    (pipeline-style: one GPU busy at a time — it is for fitting, not speed). Under torchrun each
-    rank keeps a whole copy on its own GPU (``{"": local_rank}``). No GPU: {} (plain CPU load).
-    ``gpu_free_bytes`` overrides the measured free memory (tests, or to leave room)."""
-    ctx = ctx or dist_context()
-    if gpu_free_bytes is None:
-        import torch
-
-        gpu_free_bytes = ([torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
-                          if torch.cuda.is_available() else [])
-    if not gpu_free_bytes:
-        return {}
-    if ctx.is_distributed:
-        return {"device_map": {"": ctx.local_rank % len(gpu_free_bytes)}}
-    max_memory: dict = {i: f"{int(b * max_memory_fraction) // 2**20}MiB" for i, b in enumerate(gpu_free_bytes)}
-    if cpu_offload_bytes:
-        max_memory["cpu"] = f"{int(cpu_offload_bytes) // 2**20}MiB"
-    return {"device_map": "auto", "max_memory": max_memory}

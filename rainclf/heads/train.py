@@ -18,199 +18,24 @@ therefore builds its own backbone object (a fresh ``from_pretrained``) and never
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
-import re
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..backbones import BackboneError, BackboneOptions, create_backbone
-from ..distributed import (all_reduce_gradients, broadcast_object, broadcast_parameters,
-                           ensure_process_group, mean_across_ranks, shard_batch)
-from ..fit import log
-from ..images import ImageError, decode_image, read_bytes
-from ..model_dir import ModelDirError
-
-ADAPTER_DIR = "adapter"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# Linear layers of a GLM-4 decoder layer that LoRA may target (attention and MLP).
-KNOWN_TARGETS = DEFAULT_TARGETS + ("gate_up_proj", "down_proj")
-PRECISIONS = ("auto", "bf16", "fp32", "fp16")
-
-FP16_REFUSAL = (
-    "--precision fp16 is refused: GLM-4V is trained in bf16 and its activations exceed fp16's range "
-    "(max 65504), so fp16 LoRA training overflows (loss turns inf/nan, gradients are skipped) and, as "
-    "users of the generative recipe reported, the model starts mixing English into its Chinese answers. "
-    "Use --precision bf16 (auto picks bf16 on CUDA), or pass --force-fp16 to train in fp16 anyway.")
-
-
-@dataclass
-class LoraParams:
-    """Hyper-parameters of the LoRA and generative heads; defaults follow the GLM-4 recipe."""
-
-    lora_r: int = 8                      # LoRA rank
-    lora_alpha: int = 32                 # scaling = alpha / r
-    lora_dropout: float = 0.1
-    lora_targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    steps: int = 200                     # optimizer steps (each = grad_accum micro-batches)
-    lr: float = 1e-4                     # AdamW learning rate (LoRA and the score layer)
-    train_batch_size: int = 4
-    grad_accum: int = 1
-    eval_every: int = 20                 # validate every N optimizer steps (and at the last one)
-    patience: int = 5                    # stop after N validations without improvement
-    precision: str = "auto"              # auto | bf16 | fp32 | fp16 (refused unless force_fp16)
-    force_fp16: bool = False
-    max_new_tokens: int = 16             # generative: greedy answers during validation
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-
-    def __post_init__(self):
-        if isinstance(self.lora_targets, str):
-            self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
-        self.lora_targets = list(self.lora_targets)
-        unknown = [t for t in self.lora_targets if t not in KNOWN_TARGETS]
-        if not self.lora_targets or unknown:
-            raise ValueError(f"--lora-targets {','.join(self.lora_targets)!r}: use a comma-separated "
-                             f"subset of {','.join(KNOWN_TARGETS)}")
-        for name in ("lora_r", "steps", "train_batch_size", "grad_accum", "eval_every", "patience",
-                     "max_new_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-
-    @classmethod
-    def from_dict(cls, params: dict | None) -> "LoraParams":
-        params = dict(params or {})
-        unknown = set(params) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown LoRA head parameters {sorted(unknown)}; "
-                             f"known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**params)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------- precision
-
-def check_precision(params: LoraParams) -> None:
-    """Refuse fp16 unless forced. Called first thing in a fit, before data or model work."""
-    if params.precision == "fp16" and not params.force_fp16:
-        raise ValueError(FP16_REFUSAL)
-
-
-def amp_dtype(precision: str, device: str):
-    """The autocast dtype for training/inference, or None for plain fp32."""
-    import torch
-
-    cuda = device.startswith("cuda")
-    if precision == "auto":
-        return torch.bfloat16 if cuda else None
-    if precision == "bf16":
-        if cuda and not torch.cuda.is_bf16_supported():
-            raise ValueError("--precision bf16: this GPU has no bf16 support (use --precision fp32)")
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    return None
-
-
-def precision_name(dtype) -> str:
-    import torch
-
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-
-
-def cuda_devices(device: str) -> list:
-    """Device indices for ``torch.random.fork_rng`` (which must know the CUDA devices it forks)."""
-    if not device.startswith("cuda"):
-        return []
-    return [int(device.split(":")[1]) if ":" in device else 0]
-
-
-def autocast(device: str, dtype):
-    import torch
-
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
-
-
-# --------------------------------------------------------------------------- model
-
-def private_backbone(name: str, options: BackboneOptions, layer: int | None = None):
-    """A new backbone object whose model only this head will touch (see module docstring)."""
-    backbone = create_backbone(name, options)
-    # the adapters are placed by module path (language_model.layers.N.self_attn.*): GLM-4V only
-    if getattr(backbone, "kind", None) != "glm4v" or not hasattr(backbone, "chat_inputs"):
-        raise BackboneError(f"backbone {name!r} has no language model: LoRA and generative heads need "
-                            "a GLM-4V backbone (glm4v-tiny, a GLM-4.1V/4.5V/4.6V directory or hub id)")
-    backbone.check_feature("answer", layer)
-    return backbone
-
-
-def _target_regex(targets: Sequence[str], layers: Sequence[int] | None) -> str:
-    # Full-match regex over module names: only the language model's decoder layers qualify. A bare
-    # name list would also hit the vision tower, whose blocks have their own down_proj/gate_proj.
-    idx = r"\d+" if layers is None else "(?:" + "|".join(str(i) for i in layers) + ")"
-    names = "|".join(re.escape(t) for t in targets)
-    return rf".*language_model\.layers\.{idx}\.(?:self_attn|mlp)\.(?:{names})"
-
-
-def lora_config(params: LoraParams, layers: Sequence[int] | None = None):
-    from peft import LoraConfig
-
-    return LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-                      target_modules=_target_regex(params.lora_targets, layers), bias="none")
-
-
-def _cast_base(model, precision: str, device: str) -> None:
-    """The backbone loads bf16 on CUDA, fp32 on CPU; fp32 / forced-fp16 training on CUDA want
-    the frozen base weights in that dtype too."""
-    if device.startswith("cuda"):
-        if precision == "fp32":
-            model.float()
-        elif precision == "fp16":
-            model.half()
-
-
-def attach_lora(backbone, params: LoraParams, layers: Sequence[int] | None = None):
-    """Wrap the backbone's (private) model with fresh LoRA adapters → PeftModel."""
-    from peft import get_peft_model
-
-    model, _ = backbone.load()
-    _cast_base(model, params.precision, backbone.device)
-    with warnings.catch_warnings():
-        # transformers 5.x deprecation warning raised inside peft; nothing for a user to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, lora_config(params, layers))
-    peft_model.peft_config["default"].base_model_name_or_path = backbone.name  # not a local path
-    # new LoRA dropout modules start in train mode even in an eval model: inference must be
-    # deterministic until a training loop asks for train mode
-    return peft_model.eval()
-
-
-def load_adapter(backbone, adapter_dir: Path):
-    """Base model of a private backbone + the adapter saved in ``adapter_dir`` (eval mode)."""
-    from peft import PeftModel
-
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelDirError(f"{adapter_dir} has no adapter_config.json: the model directory is damaged; refit it")
-    model, _ = backbone.load()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    return peft_model.eval()
-
+from rainclf.data.images import ImageError, decode_image, read_bytes
+from rainclf.heads.adapters import LoraParams, autocast
+from rainclf.io import log
+from rainclf.parallel.ddp import (
+    all_reduce_gradients,
+    broadcast_object,
+    broadcast_parameters,
+    ensure_process_group,
+    mean_across_ranks,
+    shard_batch,
+)
 
 # --------------------------------------------------------------------------- data
 
@@ -231,7 +56,7 @@ def decode_paths(paths: Sequence[str | Path], backbone=None):
 
 def decode_examples(examples, backbone, progress: bool = True):
     """(images, label indices, skipped 'origin: error' strings) for a list of data.Example."""
-    from ..labels import label_to_index
+    from rainclf.labels import label_to_index
 
     images, errors = decode_paths([e.path for e in examples], backbone)
     keep = [i for i, err in enumerate(errors) if err is None]
@@ -397,7 +222,3 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
                         time.perf_counter() - start, nonfinite)
 
 
-def save_adapter(peft_model, path: Path) -> None:
-    """peft ``save_pretrained`` (adapter_config.json + adapter_model.safetensors). Embedding layers
-    are never targeted, and "auto" would look the base model up on the Hub: switch it off."""
-    peft_model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)

@@ -1,5 +1,5 @@
 """Evaluation reports: ``report.md`` and one self-contained ``report.html``, both rendered from the
-metrics dict that rainclf.evaluate writes to metrics.json (never from anything else, so the
+metrics dict that rainclf.report.evaluate writes to metrics.json (never from anything else, so the
 numbers in the three files agree).
 
     metrics dict ──► section_tables() ──► markdown tables / HTML tables   (same strings)
@@ -17,7 +17,7 @@ import base64
 import html
 from pathlib import Path
 
-from .labels import NO_RAIN, RAIN
+from rainclf.labels import NO_RAIN, RAIN
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -272,7 +272,7 @@ def html_report(metrics: dict, plots: dict[str, bytes] | None = None) -> str:
 def write_reports(metrics: dict, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
     """Write report.md, report.html (and plots/*.png) into ``out_dir`` (already a temporary
     directory when called from evaluate, hence plain writes here)."""
-    from .plots import make_plots
+    from rainclf.report.plots import make_plots
 
     out_dir = Path(out_dir)
     images = make_plots(metrics) if plots else {}

@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 FEATURES = ("vision", "answer")
 DEFAULT_PROMPT = "根据图片判断：会下雨还是不会下雨？"
@@ -140,40 +140,6 @@ def directory_fingerprint(model_dir: Path, identity: str, memo_dir: Path | None 
             if p.is_file() and p.suffix in WEIGHT_SUFFIXES:
                 h.update(f"{p.name}:{_file_sha256(p, memo_dir)}".encode())
     return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- registry
-
-Builder = Callable[[str, BackboneOptions], Backbone]
-
-
-def _build_glm4v(name: str, options: BackboneOptions) -> Backbone:
-    from .glm4v import Glm4vBackbone
-    return Glm4vBackbone.from_name(name, options)
-
-
-def _build_timm(name: str, options: BackboneOptions) -> Backbone:
-    from .timm_backbone import TimmBackbone
-    return TimmBackbone(name.split(":", 1)[1], options)
-
-
-#: name (or prefix ending in ':') → builder. Anything else is a GLM-4V path or hub id.
-BACKBONES: dict[str, Builder] = {
-    TINY_NAME: _build_glm4v,
-    "timm:": _build_timm,
-}
-
-
-def create_backbone(name: str, options: BackboneOptions | None = None) -> Backbone:
-    """Build a backbone by registry name, ``timm:NAME``, local directory or hub id."""
-    options = options or BackboneOptions()
-    if not name:
-        raise BackboneError("empty --backbone: use glm4v-tiny, timm:NAME, a directory or a hub id")
-    builder = BACKBONES.get(name)
-    if builder is None:
-        prefix = name.split(":", 1)[0] + ":" if ":" in name else None
-        builder = BACKBONES.get(prefix, _build_glm4v) if prefix else _build_glm4v
-    return builder(name, options)
 
 
 def default_cache_dir() -> Path:

@@ -16,8 +16,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .labels import LABELS
+from rainclf import __version__
+from rainclf.backbones import create_backbone
+from rainclf.backbones.base import Backbone, BackboneOptions
+from rainclf.config import RunOptions
+from rainclf.labels import LABELS
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -164,3 +167,36 @@ def model_card(config: ModelConfig, metrics: dict) -> str:
             lines.append(f"- {key}: {v:.4f}" if isinstance(v, float) else f"- {key}: {v}")
     lines += ["", "Use: `rainclf predict PHOTOS/ --model THIS_DIR -o predictions.csv`", ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- loading
+
+@dataclass
+class FitResult:
+    model_dir: Path
+    metrics: dict
+    config: ModelConfig
+
+
+def backbone_for(config: ModelConfig, model_dir: Path, options: RunOptions) -> Backbone:
+    saved = config.backbone
+    name = options.backbone or saved["name"]
+    backbone = create_backbone(name, BackboneOptions(
+        device=options.device, image_size=saved.get("image_size"), weights=saved.get("weights"),
+        trust_remote_code=bool(saved.get("trust_remote_code", False))))
+    check_backbone(config, backbone, model_dir)
+    return backbone
+
+
+def load_classifier(model_dir: str | Path, options: RunOptions | None = None):
+    """The loaded classifier (``heads.base.Classifier``) for a model directory, any head type."""
+    from rainclf.heads import UnknownHeadError, head_classifier
+
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    try:
+        cls = head_classifier(config.head)
+    except UnknownHeadError:
+        raise ModelDirError(f"{model_dir}: head type {config.head!r} is unknown to this rainclf "
+                            f"{__version__} — written by another version?") from None
+    return cls(config, model_dir, options or RunOptions())

@@ -15,8 +15,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .backbones import DEFAULT_PROMPT, Backbone, BackboneError, BackboneOptions, default_cache_dir, \
-    directory_fingerprint, resolve_device
+from rainclf.backbones.base import (
+    DEFAULT_PROMPT,
+    Backbone,
+    BackboneError,
+    BackboneOptions,
+    default_cache_dir,
+    directory_fingerprint,
+    resolve_device,
+)
 
 
 class ChatGLMBackbone(Backbone):

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_file
-from .backbones import DEFAULT_PROMPT, BackboneOptions, create_backbone
-from .data import DataError, load_dataset
-from .features import embed_paths, extraction_namespace, open_cache
-from .images import find_images
-from .labels import label_to_index
+from rainclf.backbones import create_backbone
+from rainclf.backbones.base import DEFAULT_PROMPT, BackboneOptions
+from rainclf.data.datasets import DataError, load_dataset
+from rainclf.data.images import find_images
+from rainclf.embed.extract import embed_paths, extraction_namespace, open_cache
+from rainclf.io import atomic_file
+from rainclf.labels import label_to_index
 
 
 def dataset_or_images(data: str | Path) -> tuple[list[Path], list[str] | None, list]:
@@ -47,7 +48,7 @@ def embed_to_file(data, out_file, backbone_name: str, backbone_options: Backbone
 
 def write_embed_file(out_file, res, labels, problems, backbone, feature: str, layer: int, prompt: str) -> dict:
     """The safetensors file for an ``EmbedResult`` (also what rank 0 writes after merging the
-    shards of a multi-process run, see ``rainclf.distributed``)."""
+    shards of a multi-process run, see ``rainclf.parallel``)."""
     from safetensors.numpy import save
 
     ok = res.ok

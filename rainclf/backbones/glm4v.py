@@ -21,8 +21,16 @@ import os
 import sys
 from pathlib import Path
 
-from .backbones import (DEFAULT_PROMPT, TINY_NAME, Backbone, BackboneError, BackboneOptions,
-                        default_cache_dir, directory_fingerprint, resolve_device)
+from rainclf.backbones.base import (
+    DEFAULT_PROMPT,
+    TINY_NAME,
+    Backbone,
+    BackboneError,
+    BackboneOptions,
+    default_cache_dir,
+    directory_fingerprint,
+    resolve_device,
+)
 
 SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v", "glm4v_moe")
 REMOTE_CODE_MODEL_TYPES = ("chatglm",)  # THUDM/glm-4v-9b: ChatGLM remote code
@@ -31,7 +39,7 @@ RANDOM_MARKER = "RAINCLF_RANDOM_WEIGHTS"
 
 def tiny_model_dir() -> Path:
     """Where the committed glm4v-tiny lives: the source tree, or the installed data files."""
-    candidates = [Path(__file__).resolve().parents[1] / "models" / TINY_NAME,
+    candidates = [Path(__file__).resolve().parents[2] / "models" / TINY_NAME,
                   Path(sys.prefix) / "share" / "rainclf" / "models" / TINY_NAME]
     if os.environ.get("RAINCLF_MODELS_DIR"):
         candidates.insert(0, Path(os.environ["RAINCLF_MODELS_DIR"]) / TINY_NAME)
@@ -92,7 +100,7 @@ class Glm4vBackbone(Backbone):
                     f"{name} is the original ChatGLM glm-4v-9b, whose modelling code ships inside the "
                     "checkpoint; rainclf does not execute downloaded code unless you pass "
                     "--trust-remote-code (or use a transformers-native GLM-4.1V/4.5V/4.6V checkpoint)")
-            from .chatglm_backbone import ChatGLMBackbone
+            from rainclf.backbones.chatglm import ChatGLMBackbone
 
             return ChatGLMBackbone(name, model_dir, revision, options)
         return cls(name, model_dir, revision, options)
@@ -141,7 +149,7 @@ class Glm4vBackbone(Backbone):
             placement = {}
             if self.options.device == "multi":
                 # one model split layer by layer over this node's GPUs (too large for one card)
-                from .distributed import device_map_kwargs
+                from rainclf.parallel.ddp import device_map_kwargs
 
                 placement = device_map_kwargs() if torch.cuda.is_available() else {}
                 if not placement:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -82,3 +83,8 @@ def atomic_dir(dest: str | Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def log(msg: str, progress: bool = True) -> None:
+    if progress:
+        print(f"rainclf: {msg}", file=sys.stderr)

@@ -15,9 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .backbones import DEFAULT_PROMPT, Backbone
-from .cache import EmbeddingCache
-from .images import ImageError, decode_image, read_bytes
+from rainclf.backbones.base import DEFAULT_PROMPT, Backbone
+from rainclf.data.images import ImageError, decode_image, read_bytes
+from rainclf.embed.cache import EmbeddingCache
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from .labels import LABELS
+from rainclf.labels import LABELS
 
 
 class AdapterOffBackbone:

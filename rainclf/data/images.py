@@ -307,7 +307,9 @@ def _apply_icc(im: Image.Image) -> Image.Image:
     if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
         return im
     try:
-        from PIL import ImageCms  # part of Pillow; needs LittleCMS, absent from some builds
+        from PIL import (
+            ImageCms,  # part of Pillow; needs LittleCMS, absent from some builds
+        )
 
         src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         out_mode = "RGBA" if im.mode == "RGBA" else "RGB"

@@ -10,7 +10,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .backbones import Backbone, BackboneError, BackboneOptions, _file_sha256, default_cache_dir, resolve_device
+from rainclf.backbones.base import (
+    Backbone,
+    BackboneError,
+    BackboneOptions,
+    _file_sha256,
+    default_cache_dir,
+    resolve_device,
+)
 
 RANDOM_SEED = 0
 

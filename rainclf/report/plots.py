@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 
-from .labels import LABELS, RAIN
+from rainclf.labels import LABELS, RAIN
 
 TICKS = {RAIN: "rain", LABELS[0]: "no rain"}
 DPI = 110
@@ -31,7 +31,7 @@ def _png(fig) -> bytes:
 
 def make_plots(metrics: dict) -> dict[str, bytes]:
     """PNG bytes per plot name (plots without data, e.g. ROC when no model has p_rain, are omitted)."""
-    from .report import check_plotting
+    from rainclf.report.render import check_plotting
 
     check_plotting()
     import matplotlib

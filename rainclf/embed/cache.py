@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import sweep_stale, tmp_name
+from rainclf.io import sweep_stale, tmp_name
 
 MAGIC = b"RCE1"
 _HEADER = struct.Struct("<4sI32s")

@@ -16,9 +16,17 @@ import hashlib
 from pathlib import Path
 from typing import Sequence
 
-from .classifier import LinearClassifier, Row, RunOptions
-from .model_dir import ModelConfig, ModelDirError, read_config
-from .runtime import EXPORT_DIR, METADATA_FILE, OnnxClassifier, OnnxExportError, read_metadata
+from rainclf.config import RunOptions
+from rainclf.heads.base import Row
+from rainclf.heads.linear import LinearClassifier
+from rainclf.model import ModelConfig, ModelDirError, read_config
+from rainclf.onnx.format import (
+    EXPORT_DIR,
+    METADATA_FILE,
+    OnnxExportError,
+    read_metadata,
+)
+from rainclf.onnx.runtime import OnnxClassifier
 
 
 def head_files(config: ModelConfig, model_dir: Path) -> list[Path]:

@@ -5,11 +5,11 @@
 
 Per model (``metrics["models"][name]``, snake_case keys):
 
-- classification (rainclf.metrics): ``accuracy``, ``balanced_accuracy``, ``precision``/``recall``/
+- classification (rainclf.report.metrics): ``accuracy``, ``balanced_accuracy``, ``precision``/``recall``/
   ``f1_per_label``, ``f1`` (会下雨), ``f1_macro``, ``confusion_matrix``, ``n_invalid`` (no label:
   unreadable or a non-label answer, counted wrong); ``roc_auc``, ``ece`` (10 bins), ``brier`` over
   the ``n_scored`` images that got a p_rain (greedy/sample text has none); ``curves`` for plots;
-- output quality (rainclf.quality): ``format_valid_rate``, ``contains_label_rate``,
+- output quality (rainclf.report.quality): ``format_valid_rate``, ``contains_label_rate``,
   ``mixed_language_rate``, ``think_leak_rate``, ``mean_length`` — of the raw text for generative
   models, of the emitted label for heads (100% valid by construction, which is the point);
 - speed, warm-up excluded: ``latency_ms_p50``/``p95``/``mean``, ``images_per_s``. Timing ``single``
@@ -25,7 +25,7 @@ Per model (``metrics["models"][name]``, snake_case keys):
 
 Top level: ``random_weights`` (any random-weight backbone: the numbers then say nothing about
 GLM-4V), ``data``, ``n_images``, ``label_counts``, ``timing``, ``environment``. The reports are
-rendered from this same dict (rainclf.report); everything is written atomically.
+rendered from this same dict (rainclf.report.render); everything is written atomically.
 """
 
 from __future__ import annotations
@@ -41,17 +41,20 @@ from typing import Sequence
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_dir
-from .classifier import RunOptions
-from .data import load_dataset
-from .fit import log
-from .images import describe_path
-from .labels import LABELS, RAIN
-from .measure import PeakMemory, backbone_size_mb, dir_size_mb
-from .metrics import classification_metrics, latency_summary, reliability_bins
-from .model_dir import read_config
-from .quality import assess_answer, summarise
+from rainclf import __version__
+from rainclf.config import RunOptions
+from rainclf.data.datasets import load_dataset
+from rainclf.data.images import describe_path
+from rainclf.io import atomic_dir, log
+from rainclf.labels import LABELS, RAIN
+from rainclf.model import read_config
+from rainclf.report.metrics import (
+    classification_metrics,
+    latency_summary,
+    reliability_bins,
+)
+from rainclf.report.quality import assess_answer, summarise
+from rainclf.report.resources import PeakMemory, backbone_size_mb, dir_size_mb
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_DIR = "predictions"
@@ -126,7 +129,7 @@ def run_model(spec: ModelSpec, paths: Sequence[Path], options: RunOptions, band=
     """Load ``spec``, warm it up, then predict every path once under the timer."""
     from tqdm.auto import tqdm
 
-    from .predict import open_classifier
+    from rainclf.predict import open_classifier
 
     opts = replace(options, progress=False,
                    decoding=spec.decoding if spec.fallback is None and spec.decoding else options.decoding)
@@ -285,8 +288,8 @@ def evaluate(data, model_dirs: Sequence, out_dir, options: RunOptions | None = N
     Returns the dict written to metrics.json."""
     import json
 
-    from .predict import write_rows
-    from .report import check_plotting, write_reports
+    from rainclf.predict import write_rows
+    from rainclf.report.render import check_plotting, write_reports
 
     options = options or RunOptions()
     if not model_dirs:

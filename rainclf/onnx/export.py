@@ -1,5 +1,5 @@
 """``rainclf export``: a model directory → ONNX graphs + ``rainclf_onnx.json`` for the torch-free
-runtime (``rainclf.runtime``) and ``rainclf predict --engine onnx``.
+runtime (``rainclf.onnx.runtime``) and ``rainclf predict --engine onnx``.
 
     head   embeddings [batch, dim] → logits [batch, 2], p_rain [batch]                  (always)
     image  pixel_values [batch·P, 3·T·p·p] (the GLM-4V processor's flat patches at the model's
@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_dir
-from .backbones import DEFAULT_PROMPT
-from .classifier import RunOptions, backbone_for
-from .model_dir import ModelConfig, ModelDirError, read_config
-from .onnx_engine import head_sha256
-from .runtime import (EXPORT_DIR, METADATA_FILE, InputSpec, OnnxMetadata, pixel_values)
+from rainclf.backbones.base import DEFAULT_PROMPT
+from rainclf.config import RunOptions
+from rainclf.io import atomic_dir
+from rainclf.model import ModelConfig, ModelDirError, backbone_for, read_config
+from rainclf.onnx.engine import head_sha256
+from rainclf.onnx.format import EXPORT_DIR, METADATA_FILE, InputSpec, OnnxMetadata
+from rainclf.onnx.runtime import pixel_values
 
 EXTERNAL_DATA_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2   # protobuf caps a file at 2 GB
 PARITY_TOL = 1e-4                                      # max |Δp_rain| torch vs onnxruntime
@@ -77,7 +78,7 @@ class HeadArrays:
 
 def head_arrays(config: ModelConfig, model_dir: Path) -> HeadArrays:
     if config.head == "linear":
-        from .heads.linear import LinearHead
+        from rainclf.heads.linear import LinearHead
 
         h = LinearHead.load(model_dir)
         return HeadArrays(h.mean_, h.scale_, np.stack([np.zeros_like(h.coef_), h.coef_]),
@@ -225,7 +226,7 @@ def build_image_graph(config: ModelConfig, model_dir: Path, head: HeadArrays):
     images, prompt = synthetic_images(), config.prompt or DEFAULT_PROMPT
     ref_emb = None
     if config.head == "lora":
-        from .heads.lora import LoraClassifier
+        from rainclf.heads.lora import LoraClassifier
 
         clf = LoraClassifier(config, model_dir, options)
         backbone, ref_p = clf.backbone, clf.head.p_rain(images)
@@ -403,7 +404,7 @@ def _input_spec_if_known(config: ModelConfig) -> dict | None:
     try:
         from transformers import AutoImageProcessor
 
-        from .glm4v import resolve_model_dir
+        from rainclf.backbones.glm4v import resolve_model_dir
 
         proc = AutoImageProcessor.from_pretrained(resolve_model_dir(config.backbone["name"])[0],
                                                   local_files_only=True)

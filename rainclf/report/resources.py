@@ -1,5 +1,5 @@
 """Measuring a model while it runs: peak memory (CUDA allocator, or the process's peak RSS on the
-CPU) and size on disk. Used by rainclf.evaluate; stdlib only (torch imported when on CUDA).
+CPU) and size on disk. Used by rainclf.report.evaluate; stdlib only (torch imported when on CUDA).
 
 Why VmHWM: tracemalloc sees only Python objects, not torch's tensors, and ``ru_maxrss`` is a
 high-water mark for the whole process life, so after a big model every later one would show 0.
@@ -78,7 +78,7 @@ def dir_size_mb(path: Path | None, suffixes: tuple[str, ...] | None = None) -> f
 
 def backbone_size_mb(clf) -> float | None:
     """Weight files of the backbone a loaded classifier runs on (through a fallback wrapper)."""
-    from .backbones import WEIGHT_SUFFIXES
+    from rainclf.backbones.base import WEIGHT_SUFFIXES
 
     backbone = getattr(clf, "backbone", None) or getattr(getattr(clf, "head", None), "backbone", None)
     d = getattr(backbone, "model_dir", None)

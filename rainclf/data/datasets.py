@@ -29,8 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .images import IMAGE_EXTENSIONS, NoImagesError, describe_path, find_images
-from .labels import LABELS, normalise_label
+from rainclf.data.images import (
+    IMAGE_EXTENSIONS,
+    NoImagesError,
+    describe_path,
+    find_images,
+)
+from rainclf.labels import LABELS, normalise_label
 
 _LABEL_FIX = "use 会下雨 or 不会下雨 (aliases rain/no_rain)"
 _FORMATS_HINT = ("pass a folder with 会下雨/ and 不会下雨/ subfolders, a GLM-4 or ms-swift .jsonl, "

@@ -1,12 +1,12 @@
 """Torch-free runtime for an exported classifier (``rainclf export``): numpy, Pillow, onnxruntime.
 
-    InputSpec, OnnxMetadata   rainclf_onnx.json (``rainclf.export`` writes it, this file reads it)
+    InputSpec, OnnxMetadata   rainclf_onnx.json (``rainclf.onnx.export`` writes it, this file reads it)
     pixel_values              RGB images → the GLM-4V image processor's flat patches, in numpy
     choose_providers          CUDA → CPU, or the providers the caller names
     OnnxClassifier            from_dir(path).predict(images_or_paths) → one dict per input:
                               path, label, p_rain, error (a bad file is an error entry, never a crash)
 
-This module never imports torch or transformers (a service may have neither); ``rainclf.images``
+This module never imports torch or transformers (a service may have neither); ``rainclf.data.images``
 and ``rainclf.labels`` import only numpy and Pillow. Install for a service, without torch:
 
     pip install onnxruntime-gpu numpy Pillow && pip install --no-deps rainclf
@@ -17,172 +17,27 @@ training dependencies, torch included; onnxruntime-gpu falls back to the CPU whe
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from . import __version__
-from .images import ImageError, decode_image, read_bytes
-from .labels import LABELS
-
-METADATA_FILE = "rainclf_onnx.json"
-EXPORT_DIR = "onnx"                 # default export folder inside a model directory
-FORMAT = "rainclf-onnx"
-FORMAT_VERSION = 1
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-INSTALL_HINT = "install onnxruntime-gpu (or onnxruntime) with numpy and Pillow: pip install 'rainclf[runtime]'"
-
-
-class OnnxExportError(ValueError):
-    """An export folder is missing, damaged, too new, or fed inputs it cannot take."""
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How an image becomes the image graph's ``pixel_values`` (the GLM-4V processor's output).
-
-    The image is first resized to ``image_size`` × ``image_size`` with PIL bicubic (skipped when
-    it already has that size), exactly as ``Glm4vBackbone.prepare_images`` does; the processor's
-    pixel bounds are then set so that it does not resize again."""
-
-    image_size: int
-    patch_size: int = 14
-    merge_size: int = 2
-    temporal_patch_size: int = 2
-    rescale_factor: float = 1 / 255
-    image_mean: tuple = CLIP_MEAN
-    image_std: tuple = CLIP_STD
-    do_rescale: bool = True
-    do_normalize: bool = True
-    resample: str = "bicubic"       # PIL resampling of the first resize
-    channel_order: str = "RGB"
-
-    def __post_init__(self):
-        factor = self.patch_size * self.merge_size
-        if self.image_size <= 0 or self.image_size % factor:
-            raise OnnxExportError(f"image_size {self.image_size} must be a positive multiple of {factor}")
-        if self.resample != "bicubic" or self.channel_order != "RGB":
-            raise OnnxExportError(f"unsupported input spec: resample {self.resample}, {self.channel_order}")
-        object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
-        object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
-
-    @property
-    def grid_thw(self) -> tuple[int, int, int]:
-        g = self.image_size // self.patch_size
-        return (1, g, g)
-
-    @property
-    def patches_per_image(self) -> int:
-        return self.grid_thw[1] * self.grid_thw[2]
-
-    @property
-    def patch_dim(self) -> int:
-        return 3 * self.temporal_patch_size * self.patch_size ** 2
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(image_mean=list(self.image_mean), image_std=list(self.image_std),
-                 grid_thw=list(self.grid_thw), patches_per_image=self.patches_per_image,
-                 patch_dim=self.patch_dim)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-@dataclass
-class OnnxMetadata:
-    """Contents of rainclf_onnx.json: what the graphs compute and what they must be fed."""
-
-    labels: list
-    threshold: float
-    head: str                          # linear | lora
-    feature: str                       # vision | answer
-    dim: int                           # embedding dimension the head graph takes
-    backbone: dict                     # name, kind, fingerprint, random_weights, image_size
-    graphs: dict                       # "head" (always) / "image": file, inputs, outputs, batch
-    opset: int
-    head_sha256: str                   # of the head weights the graphs were built from
-    layer: int | None = None
-    prompt: str | None = None
-    prompt_token_ids: list | None = None   # answer/LoRA image graph: the baked-in chat prompt
-    input: dict | None = None          # InputSpec.to_dict(); None when the backbone gave none
-    not_exported: dict = field(default_factory=dict)   # graph → exactly what failed
-    parity: dict = field(default_factory=dict)         # graph → torch vs onnxruntime at export
-    rainclf_version: str = __version__
-    format: str = FORMAT
-    format_version: int = FORMAT_VERSION
-    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-
-    def __post_init__(self):
-        if self.format != FORMAT:
-            raise OnnxExportError(f"not a rainclf ONNX export (format {self.format!r})")
-        if list(self.labels) != list(LABELS):
-            raise OnnxExportError(f"labels must be {list(LABELS)}, got {self.labels}")
-        if not 0.0 < float(self.threshold) < 1.0:
-            raise OnnxExportError(f"threshold must lie in (0, 1), got {self.threshold}")
-
-    @property
-    def input_spec(self) -> InputSpec | None:
-        return InputSpec.from_dict(self.input) if self.input else None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str, source: str = METADATA_FILE) -> "OnnxMetadata":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise OnnxExportError(f"{source}: not valid JSON ({e.msg}); re-run rainclf export") from None
-        if not isinstance(data, dict) or not isinstance(data.get("format_version"), int):
-            raise OnnxExportError(f"{source}: no format_version — not a rainclf ONNX export")
-        if data["format_version"] > FORMAT_VERSION:
-            raise OnnxExportError(f"{source}: format {data['format_version']} was written by a newer "
-                                  f"rainclf ({data.get('rainclf_version')}); this is {__version__}: upgrade")
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise OnnxExportError(f"{source}: unknown keys {sorted(unknown)}")
-        try:
-            meta = cls(**data)
-        except TypeError as e:
-            raise OnnxExportError(f"{source}: {e}") from None
-        if "head" not in meta.graphs or ("image" in meta.graphs and not meta.input):
-            raise OnnxExportError(f"{source}: no head graph, or an image graph without its input spec")
-        return meta
-
-
-def find_export_dir(path: str | Path) -> Path:
-    """``path`` itself if it holds rainclf_onnx.json, else ``path/onnx`` (a model directory)."""
-    path = Path(path)
-    for d in (path, path / EXPORT_DIR):
-        if (d / METADATA_FILE).is_file():
-            return d
-    raise OnnxExportError(f"{path} holds no {METADATA_FILE} (nor {EXPORT_DIR}/{METADATA_FILE}): "
-                          f"run rainclf export MODEL_DIR first")
-
-
-def read_metadata(directory: str | Path) -> OnnxMetadata:
-    path = Path(directory) / METADATA_FILE
-    meta = OnnxMetadata.from_json(path.read_text(encoding="utf-8"), str(path))
-    for name, graph in meta.graphs.items():
-        if not (Path(directory) / graph["file"]).is_file():
-            raise OnnxExportError(f"{Path(directory) / graph['file']} ({name} graph) is missing: "
-                                  "re-run rainclf export")
-    return meta
-
+from rainclf.data.images import ImageError, decode_image, read_bytes
+from rainclf.labels import LABELS
+from rainclf.onnx.format import (
+    INSTALL_HINT,
+    InputSpec,
+    OnnxExportError,
+    OnnxMetadata,
+    find_export_dir,
+    read_metadata,
+)
 
 # ------------------------------------------------------------------ preprocessing (numpy)
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """An RGB copy; transparency is composited over white, as ``rainclf.images`` does for files."""
+    """An RGB copy; transparency is composited over white, as ``rainclf.data.images`` does for files."""
     if im.mode == "RGB":
         return im
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
@@ -228,7 +83,7 @@ def _ort():
     try:
         import onnxruntime
     except ImportError:
-        raise ImportError(f"rainclf.runtime needs onnxruntime: {INSTALL_HINT}") from None
+        raise ImportError(f"rainclf.onnx.runtime needs onnxruntime: {INSTALL_HINT}") from None
     return onnxruntime
 
 
