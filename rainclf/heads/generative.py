@@ -46,7 +46,7 @@ from rainclf.heads.adapters import (
 from rainclf.heads.base import Row
 from rainclf.heads.train import decode_examples, decode_paths, log, restore, train_loop
 from rainclf.io import atomic_dir
-from rainclf.labels import LABELS, normalise_label
+from rainclf.labels import LABELS
 from rainclf.model import FitResult, ModelConfig, backbone_for, write_common_files
 from rainclf.parallel.ddp import barrier, ensure_process_group, rank_device
 from rainclf.report.metrics import classification_metrics
@@ -214,7 +214,8 @@ def evaluate_answers(gen: GenerativeModel, images, labels: Sequence[str], batch_
         tokens += int(count.sum())
         texts += gen.generate(ims, "greedy", max_new_tokens)
     q = summarise(texts)
-    acc = float(np.mean([normalise_label(t) == y for t, y in zip(texts, labels)]))
+    # exact answers only (rainclf.report.quality): the accuracy evaluate reports without --lenient
+    acc = float(np.mean([assess_answer(t).label == y for t, y in zip(texts, labels)]))
     return {"val_loss": round(loss_sum / max(tokens, 1), 6), "val_accuracy": round(acc, 6),
             "val_format_valid": round(q["format_valid_rate"], 6), "val_mean_length": round(q["mean_length"], 3),
             "rank": (acc, q["format_valid_rate"]), "_texts": texts}
@@ -280,7 +281,7 @@ def fit_generative(train: list, val: list, out_dir, options: FitOptions) -> FitR
     if va_im:
         with torch.no_grad(), autocast(device, gen.dtype):
             ev = evaluate_answers(gen, va_im, va_lab, options.batch_size, params.max_new_tokens)
-        preds = [normalise_label(t) for t in ev["_texts"]]
+        preds = [assess_answer(t).label for t in ev["_texts"]]
         metrics["validation"] = classification_metrics(va_lab, None, preds)           # greedy
         metrics["validation_quality"] = summarise(ev["_texts"])
         p = gen.constrained_p_rain(va_im)
