@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("peft")
-
 from click.testing import CliRunner  # noqa: E402
 
 from rainclf.backbones.base import DEFAULT_PROMPT, BackboneOptions  # noqa: E402
