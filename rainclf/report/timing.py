@@ -133,7 +133,7 @@ def run_models(openers: dict[str, Callable[[], object]], paths: Sequence[Path], 
     with tempfile.TemporaryDirectory(prefix="rainclf-warmup-") as tmp:
         images = warmup_images(Path(tmp), max(sizes, default=0), paths[0] if paths else None)
 
-        def load(name):
+        def load_and_warm(name):
             with PeakMemory(device) as mem:
                 t0 = time.perf_counter()
                 clf = openers[name]()
@@ -150,11 +150,11 @@ def run_models(openers: dict[str, Callable[[], object]], paths: Sequence[Path], 
 
         if interleave:
             for name in openers:
-                load(name)
+                load_and_warm(name)
             record(timed_passes(loaded, paths, size, repeats, device, progress))
         else:
             for name in openers:
-                load(name)
+                load_and_warm(name)
                 record(timed_passes({name: loaded[name]}, paths, size, repeats, device, progress))
                 del loaded[name]
                 gc.collect()
