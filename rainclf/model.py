@@ -1,4 +1,4 @@
-"""A saved classifier is a directory:
+"""A saved classifier is a directory, and this module reads, writes, checks and loads it:
 
     config.json        everything needed to reload: backbone identity and fingerprint, feature,
                        layer, image size, prompt, labels, threshold, head type, format version
@@ -7,6 +7,8 @@
     README.md          a model card a person can read
 
 It is written atomically (temporary directory, then rename) and never contains pickles.
+``load_classifier(dir)`` rebuilds the backbone config.json names (``backbone_for``, which refuses a
+backbone with another fingerprint) and returns the head's classifier (``heads.base.Classifier``).
 """
 
 from __future__ import annotations
