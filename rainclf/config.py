@@ -58,7 +58,8 @@ class RunOptions:
     top_p: float = 1.0
     seed: int = 0
     max_new_tokens: int = 16
-    # which engine runs a linear/vision head: torch, or the exported ONNX graph (rainclf.onnx.engine)
+    # which engine runs the model: torch, or its exported ONNX graph (rainclf.onnx.engine: the image
+    # graph of a linear or LoRA head, or the head graph behind torch embeddings)
     engine: str = "torch"
     providers: list | None = None
 

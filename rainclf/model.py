@@ -126,7 +126,7 @@ def check_backbone(config: ModelConfig, backbone, model_dir: str | Path) -> None
 
 
 def check_extraction(trained_on: dict | None, expected: dict, model_dir: str | Path) -> None:
-    """Refuse a head whose recorded extraction setting (``features.extraction_namespace`` at fit
+    """Refuse a head whose recorded extraction setting (``embed.extract.extraction_namespace`` at fit
     time) differs from what config.json + the backbone give now: an edited config.json or a head
     copied from another model would otherwise predict silently on the wrong embeddings."""
     if trained_on is None:

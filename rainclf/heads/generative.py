@@ -1,6 +1,6 @@
 """The generative LoRA baseline (the seeds' recipe), kept honest, and its three decodings.
 
-Training (``fit_generative``, ``FITTERS["generative"]``): each example is a chat
+Training (``fit_generative``, listed in ``heads.HEADS``): each example is a chat
 ``[gMASK]<sop><|user|>\\n<image>question<|assistant|>\\n…`` followed by the label and EOS; the loss
 is cross-entropy on the answer tokens only (every prompt and padding position is -100), with
 LoRA on the language model (same defaults as the LoRA head). Every ``eval_every`` steps the

@@ -129,7 +129,7 @@ class LinearHead:
         head.coef_, head.mean_, head.scale_ = t["coef"], t["mean"], t["scale"]
         head.intercept_ = float(t["intercept"][0])
         head.C_ = float(meta.get("C", "nan"))
-        # what the embeddings were extracted with (features.extraction_namespace); None if not recorded
+        # what the embeddings were extracted with (embed.extract.extraction_namespace); None if not recorded
         head.trained_on_ = json.loads(meta["extraction"]) if "extraction" in meta else None
         head.n_features_in_ = head.coef_.shape[0]
         head.classes_ = np.array(LABELS)
@@ -277,7 +277,7 @@ def fit_linear(train: list, val: list, out_dir, options: FitOptions) -> FitResul
                          head_params={"C": head.C_, "class_weight": options.class_weight})
     with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
         # recorded in the head too, so a head copied into another directory or an edited
-        # config.json is caught at load time (classifier.py), even when the dimensions agree
+        # config.json is caught at load time (LinearClassifier), even when the dimensions agree
         namespace = extraction_namespace(backbone, options.feature, options.layer, options.prompt)
         head.save(tmp, metadata={"extraction": json.dumps(namespace, sort_keys=True, ensure_ascii=False)})
         write_common_files(tmp, config, metrics)

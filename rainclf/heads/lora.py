@@ -5,7 +5,7 @@ model would start to answer). It can only ever say 不会下雨 or 会下雨.
     image + question ──GLM-4V (vision tower frozen, LoRA on the LM projections)──▶ h (hidden,)
     h ──score: Linear(hidden, 2)──▶ logits ──softmax──▶ p_rain
 
-Training (``fit_lora``, registered as ``FITTERS["lora"]``): cross-entropy, AdamW, gradient
+Training (``fit_lora``, listed in ``heads.HEADS``): cross-entropy, AdamW, gradient
 accumulation, bf16 autocast on CUDA / fp32 on CPU, validation every N steps, early stopping, the
 best checkpoint kept by validation log-loss. The log-loss (a proper scoring rule) rather than
 accuracy, because small validation sets tie on accuracy all the time and because ``--fallback``
