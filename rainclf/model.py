@@ -22,6 +22,7 @@ from rainclf import __version__
 from rainclf.backbones import create_backbone
 from rainclf.backbones.base import Backbone, BackboneOptions
 from rainclf.config import RunOptions
+from rainclf.jsonfile import read_versioned
 from rainclf.labels import LABELS
 
 FORMAT_VERSION = 1
@@ -66,26 +67,8 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = CONFIG_FILE) -> "ModelConfig":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ModelDirError(f"{source}: not valid JSON ({e.msg}, line {e.lineno}) — the model "
-                                "directory is damaged; refit it") from None
-        version = data.get("format_version")
-        if not isinstance(version, int):
-            raise ModelDirError(f"{source}: no format_version — not a rainclf model directory")
-        if version > FORMAT_VERSION:
-            raise ModelDirError(f"{source}: format version {version} was written by a newer rainclf "
-                                f"({data.get('rainclf_version')}); this is rainclf {__version__} "
-                                f"(format {FORMAT_VERSION}) — upgrade rainclf")
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ModelDirError(f"{source}: unknown keys {sorted(unknown)} — written by another rainclf?")
-        try:
-            return cls(**data)
-        except TypeError as e:
-            raise ModelDirError(f"{source}: {e}") from None
+        return read_versioned(cls, text, source, ModelDirError, FORMAT_VERSION, "rainclf model directory",
+                              "the model directory is damaged; refit it")
 
 
 def read_config(model_dir: str | Path) -> ModelConfig:
