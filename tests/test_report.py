@@ -18,16 +18,15 @@ from rainclf.report.metrics import (
     latency_summary,
     reliability_bins,
 )
-from rainclf.report.scoring import GUARANTEED, MEASURED
+from rainclf.report.plots import PlottingUnavailable, check_plotting
 from rainclf.report.render import (
     MISSING,
-    PlottingUnavailable,
-    check_plotting,
     html_report,
     markdown_report,
     section_tables,
     write_reports,
 )
+from rainclf.report.scoring import GUARANTEED, MEASURED
 
 
 def _model(seed: int, generative: bool = False) -> dict:

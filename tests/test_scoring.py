@@ -24,8 +24,13 @@ class Config:
     backbone = {"name": "glm4v-tiny", "random_weights": True}
 
 
-def _run(rows) -> ModelRun:
-    return ModelRun(rows, [0.01] * len(rows), 0.1, None, "test", None, 0)
+def _run(rows, description: dict) -> ModelRun:
+    return ModelRun(rows, [0.01] * len(rows), 0.1, None, "test", None, 0, description=description)
+
+
+HEAD_GREEDY = {"head": "linear+fallback", "decoding": "greedy", "quality_of": "emitted label",
+               "fallback": {"head": "generative", "decoding": "greedy", "quality_of": "generated text"}}
+GEN_GREEDY = {"head": "generative", "decoding": "greedy", "quality_of": "generated text"}
 
 
 def greedy_fallback_rows() -> list[Row]:
@@ -49,7 +54,7 @@ def greedy_fallback_rows() -> list[Row]:
 
 def test_head_plus_greedy_fallback_scores_every_image_with_the_head_p_rain():
     spec = ModelSpec("h+g-greedy", Path("h"), "linear+fallback", "greedy", Path("g"))
-    m = model_metrics(spec, TRUTH, _run(greedy_fallback_rows()), Config(), band=(0.35, 0.65))
+    m = model_metrics(spec, TRUTH, _run(greedy_fallback_rows(), HEAD_GREEDY), Config(), band=(0.35, 0.65))
     head_only = classification_metrics(TRUTH, HEAD_P, None)
     assert m["n_scored"] == 6 and m["score_source"] == "the head's p_rain"
     for key in ("roc_auc", "ece", "brier"):
@@ -72,8 +77,8 @@ def test_generated_text_counts_exact_answers_unless_lenient():
     rows.append(Row(path="broken.jpg", source="generative", error="broken.jpg: not an image"))
     truth = TRUTH + [RAIN]
     spec = ModelSpec("g-greedy", Path("g"), "generative", "greedy")
-    strict = model_metrics(spec, truth, _run(rows), Config())
-    lenient = model_metrics(spec, truth, _run(rows), Config(), lenient=True)
+    strict = model_metrics(spec, truth, _run(rows, GEN_GREEDY), Config())
+    lenient = model_metrics(spec, truth, _run(rows, GEN_GREEDY), Config(), lenient=True)
     # exact: 0 (right), 2 (right), 5 (right); extractable: 1 → RAIN (right), 3 → RAIN (wrong: NO_RAIN)
     assert strict["accuracy"] == strict["accuracy_exact"] == pytest.approx(3 / 7)
     assert lenient["accuracy"] == strict["accuracy_lenient"] == pytest.approx(4 / 7)

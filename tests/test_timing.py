@@ -19,6 +19,9 @@ class Stub:
         if gen is not None:
             self.gen = gen
 
+    def describe(self):
+        return {"n_cached": 0, "backbone_weights_mb": None, "decoding": None}
+
     def predict_paths(self, paths):
         warm = all(Path(p).name.startswith("warmup_") for p in paths)
         self.log.append((self.name, "warm" if warm else "timed", len(paths)))

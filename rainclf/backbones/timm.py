@@ -49,6 +49,9 @@ class TimmBackbone(Backbone):
         self._dim = None
         self.image_size = int(options.image_size or 0)  # 0 until loaded: timm's data config decides
 
+    def weight_files(self) -> list[Path]:
+        return [Path(self.weights)] if self.weights and Path(self.weights).is_file() else []
+
     def load(self):
         if self._model is None:
             import timm

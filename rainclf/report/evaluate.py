@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Sequence
 
 from rainclf import __version__
-from rainclf.config import RunOptions
+from rainclf.backbones.base import resolve_device
+from rainclf.config import DEFAULT_CACHE, RunOptions
 from rainclf.data.datasets import load_dataset
 from rainclf.data.images import describe_path
 from rainclf.io import atomic_dir, log
@@ -123,14 +124,6 @@ def _preimport() -> None:
             pass
 
 
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def environment(device: str) -> dict:
     import torch
 
@@ -162,10 +155,15 @@ def evaluate(data, model_dirs: Sequence, out_dir, options: RunOptions | None = N
     one model at a time (when they do not fit in memory together). Returns the metrics dict."""
     import json
 
-    from rainclf.predict import write_rows
-    from rainclf.report.render import check_plotting, write_reports
+    from rainclf.outputs import write_rows
+    from rainclf.report.plots import check_plotting
+    from rainclf.report.render import write_reports
 
     options = options or RunOptions()
+    if options.cache_dir == DEFAULT_CACHE:
+        # latency read from cached embeddings would time a disk read, not the model: the cache is
+        # used only when a folder is named explicitly
+        options = replace(options, cache_dir=None)
     if not model_dirs:
         raise ValueError("evaluate needs at least one --model directory")
     if timing not in TIMINGS:
@@ -183,7 +181,7 @@ def evaluate(data, model_dirs: Sequence, out_dir, options: RunOptions | None = N
     specs = plan_models(model_dirs, fallback, decodings, fallback_decoding)
     paths = [e.path for e in examples]
     y_true = [e.label for e in examples]
-    device = _device(options.device)
+    device = resolve_device(options.device)
     _preimport()
     # read every file once: no model pays for the disk while the others hit the page cache; the
     # digests tell which images a model directory says it was fitted on

@@ -40,10 +40,10 @@ SCORE_RULE = ("ROC-AUC, ECE and Brier use one score per readable image from the 
               "and the confusion matrix use the labels.")
 
 
-def free_text(spec) -> bool:
-    """The spec's answers are written as text (a generative model or a fallback decoding greedy or
-    sample), so their format is measured rather than guaranteed."""
-    return spec.decoding in FREE_TEXT_DECODINGS and (spec.head == "generative" or spec.fallback is not None)
+def free_text(description: dict) -> bool:
+    """A classifier (its ``describe()``) whose answers are written as text — a generative model, or
+    a fallback, decoding greedy or sample — so their format is measured rather than guaranteed."""
+    return description.get("decoding") in FREE_TEXT_DECODINGS
 
 
 def label_rule(lenient: bool) -> str:
@@ -147,9 +147,9 @@ def _fallback_note(rows, band, decoding) -> tuple[dict, str]:
 def model_metrics(spec, y_true: list[str], run, config, lenient: bool = False, band=None,
                   seen: dict | None = None) -> dict:
     """The flat, snake_case metric dict of one model (see rainclf.report.evaluate)."""
-    rows = run.rows
-    text = free_text(spec)
-    alone = text and spec.fallback is None       # lenient reading applies to a model's own text
+    rows, d = run.rows, run.description
+    text = free_text(d)
+    alone = text and "fallback" not in d         # lenient reading applies to a model's own text
     m: dict = {"model_dir": str(spec.model_dir), "head": spec.head, "decoding": spec.decoding,
                "fallback": str(spec.fallback) if spec.fallback else None,
                "feature": config.feature, "layer": config.layer if config.feature == "answer" else None,
@@ -165,7 +165,8 @@ def model_metrics(spec, y_true: list[str], run, config, lenient: bool = False, b
     scores = [score_of(r) for r in rows]
     scored = [i for i, s in enumerate(scores) if s is not None]
     m["n_scored"] = len(scored)
-    m["score_source"] = (None if not scored else "constrained decoding's p_rain" if spec.head == "generative"
+    own_scores = d.get("decoding") == "constrained" and "fallback" not in d
+    m["score_source"] = (None if not scored else "constrained decoding's p_rain" if own_scores
                          else "the head's p_rain")
     m["roc_auc"] = m["ece"] = m["brier"] = None
     curves: dict = {"roc": None, "reliability": None}

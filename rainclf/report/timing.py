@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from rainclf.report.resources import PeakMemory, backbone_size_mb
+from rainclf.report.resources import PeakMemory
 
 
 @dataclass
@@ -40,6 +40,7 @@ class ModelRun:
     n_cached: int                  # images of the first pass served from the embedding cache
     repeats: int = 1
     warm_sizes: list = field(default_factory=list)
+    description: dict = field(default_factory=dict)   # the classifier's describe() after timing
 
 
 def chunk_sizes(n: int, size: int) -> list[int]:
@@ -88,17 +89,21 @@ def _sync(device: str) -> None:
 
 def timed_passes(models: dict, paths: Sequence[Path], size: int, repeats: int, device: str,
                  progress: bool = False) -> dict[str, tuple[list, list, int]]:
-    """Per model name: (rows of the first pass, seconds per image over all passes, cached images
-    of the first pass). Chunk k of pass r starts with model (k + r) mod M, so every model is
-    first, second, … equally often."""
+    """Per model name: (rows of the first pass, seconds per image over all passes, embeddings the
+    first pass read from the cache). Chunk k of pass r starts with model (k + r) mod M, so every
+    model is first, second, … equally often."""
     from tqdm.auto import tqdm
 
     names = list(models)
+    cached_before = {n: models[n].describe()["n_cached"] for n in names}
     chunks = [list(paths[lo:lo + size]) for lo in range(0, len(paths), size)]
     out = {n: ([], [], 0) for n in names}
     bar = tqdm(total=len(paths) * repeats * len(names), desc="timing", unit="img", disable=not progress,
                leave=False)
     for r in range(repeats):
+        if r == 1:   # n_cached counts since loading: the first pass's share
+            out = {n: (rows, secs, models[n].describe()["n_cached"] - cached_before[n])
+                   for n, (rows, secs, _) in out.items()}
         for k, chunk in enumerate(chunks):
             start = (k + r) % len(names)
             for name in names[start:] + names[:start]:
@@ -114,10 +119,12 @@ def timed_passes(models: dict, paths: Sequence[Path], size: int, repeats: int, d
                 secs += [dt / len(chunk)] * len(chunk)
                 if r == 0:
                     got_rows += rows
-                    cached += int(getattr(getattr(clf, "last_embed", None), "n_cached", 0) or 0)
                 out[name] = (got_rows, secs, cached)
                 bar.update(len(chunk))
     bar.close()
+    if repeats == 1:
+        out = {n: (rows, secs, models[n].describe()["n_cached"] - cached_before[n])
+               for n, (rows, secs, _) in out.items()}
     return out
 
 
@@ -141,12 +148,13 @@ def run_models(openers: dict[str, Callable[[], object]], paths: Sequence[Path], 
                 _sync(device)
                 load_seconds = time.perf_counter() - t0
             loaded[name] = clf
-            runs[name] = ModelRun([], [], load_seconds, mem.peak_mb, mem.method, backbone_size_mb(clf), 0,
-                                  repeats, list(sizes))
+            runs[name] = ModelRun([], [], load_seconds, mem.peak_mb, mem.method,
+                                  clf.describe()["backbone_weights_mb"], 0, repeats, list(sizes))
 
         def record(timed):
             for name, (rows, secs, cached) in timed.items():
                 runs[name].rows, runs[name].seconds, runs[name].n_cached = rows, secs, cached
+                runs[name].description = loaded[name].describe()
 
         if interleave:
             for name in openers:
