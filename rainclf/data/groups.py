@@ -24,19 +24,21 @@ O(N²) bit operations, about 1 s for 10,000 images.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from rainclf.data.datasets import DataError
 from rainclf.data.images import ImageError, decode_image, describe_path, read_bytes
 
 #: max Hamming distance (of 64 bits) between pHashes of two near-duplicates; see module docstring
 DEFAULT_THRESHOLD = 14
 
 
-class ConflictError(ValueError):
+class ConflictError(DataError):
     """Identical images carry both labels (one line naming two of them and the fix)."""
 
 
@@ -150,7 +152,7 @@ def find_groups(facts: Sequence[ImageFacts], threshold: int | None = DEFAULT_THR
     if given:
         seen: dict[str, int] = {}
         for i, f in enumerate(facts):
-            g = given.get(Path(f.path).absolute())
+            g = given.get(Path(os.path.abspath(f.path)))
             if g is not None:
                 j = seen.setdefault(g, i)
                 if j != i:

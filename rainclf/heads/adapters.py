@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from rainclf.backbones import create_backbone
+from rainclf.backbones import create_backbone, is_glm4v_name
 from rainclf.backbones.base import BackboneError, BackboneOptions
 from rainclf.model import ModelDirError
 
@@ -96,6 +96,11 @@ class LoraParams:
 
 def check_options(options) -> None:
     """``FitOptions`` check for the LoRA and generative heads (run before any data is read)."""
+    if not is_glm4v_name(options.backbone):
+        # decided from the name: nothing is loaded for a refusal
+        raise ValueError(f"--head {options.head} adapts a GLM-4V language model, and --backbone "
+                         f"{options.backbone} is not a GLM-4V: add --backbone glm4v-tiny (or a GLM-4.1V/4.5V/4.6V "
+                         f"directory or hub id), or use --head linear with {options.backbone}")
     check_precision(LoraParams.from_dict(options.head_params))
 
 

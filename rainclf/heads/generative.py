@@ -294,7 +294,7 @@ def fit_generative(train: list, val: list, out_dir, options: FitOptions) -> FitR
             restore(named, outcome.last_state)
             save_adapter(gen.peft_model, tmp / LAST_ADAPTER_DIR)
             restore(named, outcome.best_state)
-            write_common_files(tmp, config, metrics)
+            write_common_files(tmp, config, metrics, seen=(train, val))
     barrier()          # every rank returns once the directory is there
     return FitResult(Path(out_dir), metrics, config)
 

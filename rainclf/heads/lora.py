@@ -5,10 +5,14 @@ model would start to answer). It can only ever say 不会下雨 or 会下雨.
     image + question ──GLM-4V (vision tower frozen, LoRA on the LM projections)──▶ h (hidden,)
     h ──score: Linear(hidden, 2)──▶ logits ──softmax──▶ p_rain
 
-Training (``fit_lora``, registered as ``FITTERS["lora"]``): cross-entropy, AdamW, gradient
-accumulation, bf16 autocast on CUDA / fp32 on CPU, validation every N steps, early stopping, the
-best checkpoint kept by validation log-loss. The log-loss (a proper scoring rule) rather than
-accuracy, because small validation sets tie on accuracy all the time and because ``--fallback``
+Training (``fit_lora``, ``HEADS["lora"]``): cross-entropy with labels weighted by inverse frequency
+(``--class-weight balanced``, the default, as the linear head; ``none`` weighs every image alike),
+AdamW, gradient accumulation, bf16 autocast on CUDA / fp32 on CPU, validation every N steps, early
+stopping, the best checkpoint kept by validation *balanced* accuracy, log-loss breaking ties.
+Not by log-loss alone: on ../shared/weather (19% 会下雨) an unweighted head selected by log-loss
+answered 不会下雨 for every photo (balanced accuracy 0.500), because the majority answer wins the
+log-loss early on. Balanced accuracy cannot be won that way; the log-loss (a proper scoring rule)
+still orders checkpoints that tie, which small validation sets do often, and ``--fallback``
 routes images by p_rain, so calibration matters.
 
 Model directory: ``adapter/`` (peft ``save_pretrained``, safetensors) + ``score.safetensors`` +
@@ -147,6 +151,21 @@ def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """Mean recall over the labels present in ``y`` (as scikit-learn's)."""
+    return float(np.mean([np.mean(pred[y == c] == c) for c in (0, 1) if np.any(y == c)]))
+
+
+def class_weights(y: list, mode: str | None):
+    """Cross-entropy weights per label (LABELS order): n / (2 · n_label) for ``balanced``, else None."""
+    import torch
+
+    if mode is None:
+        return None
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=2).astype(np.float64)
+    return torch.tensor(len(y) / (2.0 * np.maximum(counts, 1.0)), dtype=torch.float32)
+
+
 def fit_lora(train: list, val: list, out_dir, options: FitOptions) -> FitResult:
     """Fit the LoRA head on DATA and write its model directory to OUT_DIR (atomically)."""
     import torch
@@ -172,17 +191,22 @@ def fit_lora(train: list, val: list, out_dir, options: FitOptions) -> FitResult:
         raise ValueError("after skipping unreadable images the training part has only one label")
     y_train = torch.tensor(tr_y, device=device)
     yv = np.array(va_y)
+    weight = class_weights(tr_y, options.class_weight)
+    weight = weight.to(device) if weight is not None else None
 
     def loss_fn(idx):
-        return F.cross_entropy(head.logits([tr_im[i] for i in idx]).float(), y_train[idx])
+        return F.cross_entropy(head.logits([tr_im[i] for i in idx]).float(), y_train[idx], weight=weight)
 
     def evaluate():
         p = head.p_rain(va_im, options.batch_size)
-        acc = float(np.mean((p >= 0.5) == yv))
+        pred = (p >= 0.5).astype(np.int64)
+        acc, bal = float(np.mean(pred == yv)), balanced_accuracy(yv, pred)
         loss = _log_loss(yv, p)
-        return {"val_loss": round(loss, 6), "val_accuracy": round(acc, 6), "rank": (-loss,)}
+        return {"val_loss": round(loss, 6), "val_accuracy": round(acc, 6),
+                "val_balanced_accuracy": round(bal, 6), "rank": (round(bal, 9), -loss)}
 
     log(f"LoRA head: r {params.lora_r}, alpha {params.lora_alpha}, targets {','.join(params.lora_targets)}, "
+        f"class weights {'none' if weight is None else ' / '.join(f'{w:.2f}' for w in weight.tolist())}, "
         f"{params.steps} steps × {params.train_batch_size} × {params.grad_accum}"
         + (f" × {ctx.world_size} processes" if ctx.is_distributed else "") + f" on {device}", options.progress)
     with torch.random.fork_rng(devices=cuda_devices(device)):
@@ -202,7 +226,9 @@ def fit_lora(train: list, val: list, out_dir, options: FitOptions) -> FitResult:
         "train_seconds": round(outcome.train_seconds, 3),
         "steps_per_s": round(outcome.steps_per_s, 4), "history": outcome.history,
         "train_accuracy": float(np.mean((p_train >= 0.5) == np.array(tr_y))),
-        "selection": "validation log-loss" if va_im else "last step (no validation split)",
+        "selection": ("validation balanced accuracy, then log-loss" if va_im
+                      else "last step (no validation split)"),
+        "class_weight": options.class_weight,
     }
     if ctx.is_distributed:   # train_batch_size is per process: the global batch is world_size × larger
         metrics["world_size"] = ctx.world_size
@@ -216,7 +242,7 @@ def fit_lora(train: list, val: list, out_dir, options: FitOptions) -> FitResult:
     if ctx.is_main:   # the replicas are identical: one writer
         with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
             head.save(tmp)
-            write_common_files(tmp, config, metrics)
+            write_common_files(tmp, config, metrics, seen=(train, val))
     barrier()          # every rank returns once the directory is there
     return FitResult(Path(out_dir), metrics, config)
 

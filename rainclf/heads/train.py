@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,7 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
     stop). One process: all of this is a no-op.
     """
     import torch
+    from tqdm.auto import tqdm
 
     ctx = ensure_process_group()   # the fitters joined it already; idempotent, no-op in one process
     if n_train < ctx.world_size:
@@ -143,6 +145,9 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
     batches = minibatches(n_train, params.train_batch_size * ctx.world_size, seed)  # same on every rank
     history: list = []
     best = {"rank": None, "step": 0, "state": None}
+    # one bar over optimizer steps: the running loss and tqdm's ETA (validations pause it)
+    bar = tqdm(total=params.steps, desc=desc, unit="step", disable=not progress, leave=False,
+               dynamic_ncols=True)
     start, train_s, running, stopped, step, bad = time.perf_counter(), 0.0, [], False, 0, 0
     nonfinite = 0
 
@@ -162,9 +167,10 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
             entry.update(broadcast_object(evaluate()))
         rank = tuple(entry.pop("rank"))
         history.append(entry)
-        log(f"{desc} step {step}/{params.steps}: " + ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k != "step"),
-            progress)
+        if progress:   # above the bar, not through it
+            bar.write(f"rainclf: {desc} step {step}/{params.steps}: " + ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k != "step"),
+                file=sys.stderr)
         if step == 0:
             return False
         if best["rank"] is None or rank > best["rank"]:
@@ -202,6 +208,8 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
         opt.zero_grad(set_to_none=True)
         running.append(total)
         train_s += time.perf_counter() - t0
+        bar.set_postfix(loss=f"{sum(running) / len(running):.4f}", refresh=False)
+        bar.update(1)
         if evaluate is None or (step % params.eval_every and step != params.steps):
             continue
         bad = 0 if validate(step) else bad + 1
@@ -210,6 +218,7 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
             log(f"{desc}: early stop at step {step} ({bad} validations without improvement; "
                 f"best step {best['step']})", progress)
             break
+    bar.close()
     for m in modules:
         m.eval()
     last_state = _snapshot(named_params)
