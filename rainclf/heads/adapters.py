@@ -61,6 +61,7 @@ class LoraParams:
     max_new_tokens: int = 16             # generative: greedy answers during validation
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    score_init: str = "probe"            # LoRA head: "probe" (linear head's solution) | "random"
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -78,6 +79,8 @@ class LoraParams:
             raise ValueError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.score_init not in ("probe", "random"):
+            raise ValueError(f"score_init {self.score_init!r}: use probe or random")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
 

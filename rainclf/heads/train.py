@@ -112,7 +112,7 @@ def restore(named_params, state: dict) -> None:
 def train_loop(params: LoraParams, named_params: list, n_train: int,
                loss_fn: Callable[[list], object], evaluate: Callable[[], dict] | None,
                modules: list, device: str, dtype, seed: int = 0, progress: bool = True,
-               desc: str = "train") -> TrainOutcome:
+               desc: str = "train", start_is_candidate: bool = False) -> TrainOutcome:
     """Generic LoRA training.
 
     ``loss_fn(indices)`` returns the mean loss of one micro-batch (run under autocast here).
@@ -120,6 +120,8 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
     (step 0, recorded only) and every ``eval_every`` steps. The state with the best rank is kept
     (ties keep the earlier one: less drift) and ``patience`` validations without a better rank
     stop training. Without ``evaluate`` (no validation split) the last state is kept.
+    ``start_is_candidate``: step 0 competes too — for a start that is already a trained head
+    (the LoRA head's probe-initialised score layer), which training must beat to replace.
     ``modules`` are switched to train mode for steps and eval mode for validation.
 
     Under torchrun / accelerate launch (WORLD_SIZE > 1; the process group is joined here if the
@@ -171,7 +173,7 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
             bar.write(f"rainclf: {desc} step {step}/{params.steps}: " + ", ".join(
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k != "step"),
                 file=sys.stderr)
-        if step == 0:
+        if step == 0 and not start_is_candidate:
             return False
         if best["rank"] is None or rank > best["rank"]:
             best.update(rank=rank, step=step, state=_snapshot(named_params))
@@ -179,7 +181,7 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
         return False
 
     if evaluate is not None:
-        validate(0)   # the untrained adapter: the "before" figures
+        validate(0)   # the untrained adapter: the "before" figures (a candidate if start_is_candidate)
     for step in range(1, params.steps + 1):
         t0 = time.perf_counter()
         for m in modules:
