@@ -18,7 +18,8 @@ from rainclf.config import RunOptions
 from rainclf.data.images import describe_path, find_images
 from rainclf.heads.base import ROW_FIELDS, Row
 from rainclf.io import atomic_file
-from rainclf.model import load_classifier
+from rainclf.model import load_classifier, read_metrics
+from rainclf.report.collapse import collapse_message
 
 
 @dataclass
@@ -103,10 +104,18 @@ def predict(inputs: str | Path | Sequence[str | Path], model_dir: str | Path,
                              errors=sum(r.error is not None and r.label is None for r in rows),
                              seconds=seconds, counts=counts,
                              random_weights=bool(clf.config.backbone.get("random_weights")),
-                             notes=list(getattr(clf, "notes", [])))
+                             notes=list(getattr(clf, "notes", [])) + collapse_notes(model_dir))
     if output is not None:
         write_rows(rows, output)
     return PredictRun(rows, summary)
+
+
+def collapse_notes(model_dir) -> list[str]:
+    """The fit-time collapse warning of a model directory (report/collapse.py), once per run."""
+    if model_dir is None or not (Path(model_dir) / "metrics.json").is_file():
+        return []
+    message = collapse_message(read_metrics(model_dir))
+    return [f"warning: {model_dir}: {message}"] if message else []
 
 
 def row_fields(rows: Sequence[Row]) -> list[str]:

@@ -18,6 +18,7 @@ read, or lacks a label, or has no readable image).
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,12 @@ class CheckReport:
 
 
 def _name(p) -> str:
-    return describe_path(p)
+    """A path relative to the working folder when that is shorter (rows stay readable)."""
+    try:
+        rel = os.path.relpath(p)
+    except ValueError:   # another drive (Windows)
+        rel = str(p)
+    return describe_path(rel if len(rel) < len(str(p)) else p)
 
 
 def check_data(data: str | Path, groups: str | Path | None = None, threshold: int | None = DEFAULT_THRESHOLD,
@@ -79,8 +85,11 @@ def check_data(data: str | Path, groups: str | Path | None = None, threshold: in
                                 "this unless --allow-conflicts)")
     within = 0
     for members in grouping.groups:
-        labels = {examples[i].label for i in members}
-        if len(labels) > 1:
+        # both labels on different images (identical bytes were reported as a conflict above)
+        shas = {label: {facts[i].sha256 for i in members if examples[i].label == label} for label in LABELS}
+        if any(a != b for a in shas[LABELS[0]] for b in shas[LABELS[1]]):
+            n = Counter(examples[i].label for i in members)
+            members = sorted(members, key=lambda i: n[examples[i].label])   # the rarer label first
             shown = ", ".join(f"{_name(examples[i].path)} ({examples[i].label})" for i in members[:6])
             more = f" and {len(members) - 6} more" if len(members) > 6 else ""
             problem("near-duplicate labels", f"{examples[members[0]].origin}: near-duplicates with both labels: "

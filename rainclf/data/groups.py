@@ -185,7 +185,7 @@ def check_conflicts(facts: Sequence[ImageFacts], examples: Sequence) -> None:
         i, j = pairs[0]
         more = f" (and {len(pairs) - 1} more pair(s); `rainclf check-data DATA` lists them)" if len(pairs) > 1 else ""
         raise ConflictError(
-            f"{examples[j].origin}: {describe_path(facts[j].path)} is byte-identical to "
-            f"{describe_path(facts[i].path)} ({examples[i].origin}) but one is labelled "
-            f"{examples[i].label}, the other {examples[j].label}{more} — fix the label, remove one "
-            "copy, or pass --allow-conflicts to train on both")
+            f"{describe_path(facts[i].path)} ({examples[i].label}, {examples[i].origin}) and "
+            f"{describe_path(facts[j].path)} ({examples[j].label}, {examples[j].origin}) are byte-identical "
+            f"images with different labels{more} — fix the label, remove one copy, or pass "
+            "--allow-conflicts to train on both")
