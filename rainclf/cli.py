@@ -49,19 +49,9 @@ class _Group(click.Group):
 
 
 def _cache_dir(no_cache: bool, cache_dir: str | None):
-    from rainclf.backbones.base import default_cache_dir
+    from rainclf.config import cache_choice
 
-    return None if no_cache else (Path(cache_dir) if cache_dir else default_cache_dir())
-
-
-def parse_band(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"--band {text!r}: expected LO,HI such as 0.35,0.65") from None
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"--band {text!r}: need 0 <= LO <= HI <= 1")
-    return lo, hi
+    return cache_choice(cache_dir, no_cache)
 
 
 def given(**options) -> dict:
@@ -117,19 +107,59 @@ def main():
     """
 
 
-@main.command()
+class SectionedCommand(click.Command):
+    """A command whose --help lists its options in titled sections (``SECTIONS``: option name →
+    section), in the order the sections first appear."""
+
+    sections: dict[str, str] = {}
+    OTHER = "Running"
+
+    def format_options(self, ctx, formatter):
+        groups: dict[str, list] = {title: [] for title in dict.fromkeys(self.sections.values())}
+        groups[self.OTHER] = []
+        for param in self.get_params(ctx):
+            record = None if isinstance(param, click.Argument) else param.get_help_record(ctx)
+            if record is not None:
+                groups[self.sections.get(param.name, self.OTHER)].append(record)
+        for title, records in groups.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
+FIT_DATA = "Data and backbone"
+FIT_LINEAR = "Linear head (--head linear)"
+FIT_LORA = "LoRA and generative heads (--head lora | generative)"
+
+
+class FitCommand(SectionedCommand):
+    sections = {
+        **{n: FIT_DATA for n in ("out_dir", "backbone", "head", "feature", "layer", "prompt", "val_split",
+                                 "seed", "groups_file", "near_dup_threshold", "no_auto_groups",
+                                 "allow_conflicts", "image_size", "weights", "trust_remote_code", "overwrite")},
+        **{n: FIT_LINEAR for n in ("class_weight", "C", "threshold_from_val")},
+        **{n: FIT_LORA for n in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "steps", "lr",
+                                 "train_batch_size", "grad_accum", "eval_every", "patience", "precision",
+                                 "force_fp16")},
+    }
+
+
+@main.command(cls=FitCommand)
 @click.argument("data", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Model directory to write (atomically).")
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
               help="efficientnet-lite0 (ImageNet-pretrained), glm4v-tiny (GLM-4V, random weights), "
                    "timm:NAME, a GLM-4V directory or a hub id. --head lora|generative need a GLM-4V.")
-@click.option("--feature", type=click.Choice(["vision", "answer"]), default="vision", show_default=True,
-              help="vision: pooled vision tower; answer: LLM hidden state after image + question.")
+@click.option("--head", type=click.Choice(["linear", "lora", "generative"]), default="linear", show_default=True,
+              help="linear: logistic regression on frozen embeddings; lora: LoRA on the language model + a "
+                   "2-way score; generative: the generative LoRA baseline (answers decoded to a label).")
+@click.option("--feature", type=click.Choice(["vision", "answer"]),
+              help="vision: pooled vision tower; answer: LLM hidden state after image + question "
+                   "[default: vision for linear, answer for lora].")
 @click.option("--layer", default=-1, show_default=True, type=int,
               help="answer feature: hidden-state index (0 = embeddings, -1 = last).")
 @click.option("--prompt", default=None, help="answer feature: the question [default: 根据图片判断：会下雨还是不会下雨？].")
-@click.option("--head", type=click.Choice(["linear", "lora", "generative"]), default="linear", show_default=True)
 @click.option("--val-split", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Fraction held out (stratified) for validation metrics; exact and near duplicates stay "
                    "on one side.")
@@ -147,12 +177,12 @@ def main():
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="timm backbones: local .safetensors checkpoint (random weights otherwise).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow checkpoints that ship Python code (off by default).")
-@click.option("--class-weight", type=click.Choice(["balanced", "none"]), default="balanced", show_default=True,
-              help="Linear and LoRA heads: 'balanced' weights each label by the inverse of its frequency "
-                   "(rain is usually the rare label); 'none' weights every image alike.")
-@click.option("--C", "C", type=float, default=None, help="Linear head: inverse regularisation (default: by CV).")
-@click.option("--threshold-from-val", is_flag=True, help="Pick the threshold maximising validation balanced accuracy.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--class-weight", type=click.Choice(["balanced", "none"]), default="balanced", show_default=True,
+              help="Linear and lora heads: 'balanced' weights each label by the inverse of its frequency "
+                   "(rain is usually the rare label); 'none' weights every image alike.")
+@click.option("--C", "C", type=float, default=None, help="Inverse regularisation [default: chosen by CV].")
+@click.option("--threshold-from-val", is_flag=True, help="Pick the threshold maximising validation balanced accuracy.")
 @click.option("--lora-r", type=click.IntRange(min=1), help="LoRA rank [default: 8].")
 @click.option("--lora-alpha", type=int, help="LoRA alpha (scaling = alpha / r) [default: 32].")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), help="[default: 0.1]")
@@ -170,7 +200,8 @@ def main():
                    "--force-fp16.")
 @click.option("--force-fp16", is_flag=True, default=None, help="Train in fp16 despite the overflow / mixed-language risk.")
 @_apply(common_run)
-def fit(data, out_dir, backbone, feature, layer, prompt, head, val_split, seed, groups_file, near_dup_threshold,
+@click.pass_context
+def fit(ctx, data, out_dir, backbone, feature, layer, prompt, head, val_split, seed, groups_file, near_dup_threshold,
         no_auto_groups, allow_conflicts, image_size, weights,
         trust_remote_code, class_weight, C, threshold_from_val, overwrite, lora_r, lora_alpha, lora_dropout,
         lora_targets, steps, lr, train_batch_size, grad_accum, eval_every, patience, precision, force_fp16,
@@ -178,12 +209,16 @@ def fit(data, out_dir, backbone, feature, layer, prompt, head, val_split, seed, 
     """Train a classifier on labelled DATA and save it to a model directory.
 
     DATA is a folder with 会下雨/不会下雨 (or rain/no_rain) subfolders, a GLM-4 fine-tuning JSONL,
-    an ms-swift JSONL, or a CSV with label + path/image/file columns.
+    an ms-swift JSONL, or a CSV with label + path/image/file columns. Options of another head than
+    --head are refused.
     """
     from rainclf.backbones.base import DEFAULT_PROMPT
-    from rainclf.fit import FitOptions
+    from rainclf.config import FitOptions, check_head_options
     from rainclf.fit import fit as fit_model
 
+    typed = [p.name for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    check_head_options(head, typed)
     opts = FitOptions(backbone=backbone, feature=feature, layer=layer, prompt=prompt or DEFAULT_PROMPT,
                       head=head, val_split=val_split, seed=seed, groups=groups_file,
                       near_dup_threshold=None if no_auto_groups else near_dup_threshold,
@@ -243,12 +278,10 @@ def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, 
     predicted, 1 when none could be, 2 on bad usage or input (see `rainclf --help`).
     """
     from rainclf.config import RunOptions
-    from rainclf.parallel.ddp import dist_context
-    from rainclf.parallel.shards import predict_sharded
-    from rainclf.predict import format_rows, predict
+    from rainclf.heads.fallback import parse_band
+    from rainclf.outputs import format_rows
+    from rainclf.predict import predict as run_predict
 
-    # torchrun / accelerate launch: one shard per process
-    run_predict = predict_sharded if dist_context().is_distributed else predict
     opts = RunOptions(device=device, batch_size=batch_size, cache_dir=_cache_dir(no_cache, cache_dir),
                       progress=_progress(quiet), backbone=backbone, engine=engine, decoding=decoding,
                       temperature=temperature, top_p=top_p, seed=seed)
@@ -284,12 +317,8 @@ def embed(data, out_file, backbone, feature, layer, prompt, image_size, weights,
           device, batch_size, cache_dir, no_cache, quiet):
     """Write the embeddings of DATA (a labelled dataset or a folder of images) to a safetensors file."""
     from rainclf.backbones.base import DEFAULT_PROMPT, BackboneOptions
-    from rainclf.embed.to_file import embed_to_file as run_embed
-    from rainclf.parallel.ddp import dist_context
-    from rainclf.parallel.shards import embed_sharded
+    from rainclf.embed.to_file import embed_to_file
 
-    # torchrun / accelerate launch: one shard per process
-    embed_to_file = embed_sharded if dist_context().is_distributed else run_embed
     result = embed_to_file(data, out_file, backbone, BackboneOptions(
         device=device, image_size=image_size, weights=weights, trust_remote_code=trust_remote_code),
         feature=feature, layer=layer, prompt=prompt or DEFAULT_PROMPT, batch_size=batch_size,
@@ -360,10 +389,11 @@ def evaluate_cmd(data, model_dirs, out_dir, fallback, band, fallback_decoding, d
     when --cache-dir is given. Exit status 0 on success, 2 on bad usage or input.
     """
     from rainclf.config import RunOptions
+    from rainclf.heads.fallback import parse_band
     from rainclf.report.evaluate import evaluate
 
-    cache = _cache_dir(no_cache or not cache_dir, cache_dir)   # only an explicit --cache-dir
-    opts = RunOptions(device=device, batch_size=batch_size, cache_dir=cache, progress=_progress(quiet),
+    opts = RunOptions(device=device, batch_size=batch_size, cache_dir=_cache_dir(no_cache, cache_dir),
+                      progress=_progress(quiet),
                       temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
     metrics = evaluate(data, list(model_dirs), out_dir, opts, fallback=fallback, band=parse_band(band),
                        decodings=list(decodings) or None, fallback_decoding=fallback_decoding, timing=timing,

@@ -16,7 +16,7 @@ class FitOptions:
     """Every choice ``rainclf fit`` exposes; defaults match the CLI."""
 
     backbone: str = DEFAULT_BACKBONE
-    feature: str = "vision"
+    feature: str | None = None               # None: the head's own (linear: vision, lora: answer)
     layer: int = -1
     prompt: str = DEFAULT_PROMPT
     head: str = "linear"
@@ -42,7 +42,7 @@ class FitOptions:
     def __post_init__(self):
         if not 0.0 <= self.val_split < 1.0:
             raise ValueError(f"--val-split must lie in [0, 1), got {self.val_split}")
-        if self.feature not in ("vision", "answer"):
+        if self.feature not in (None, "vision", "answer"):
             raise ValueError(f"--feature must be vision or answer, not {self.feature!r}")
         if self.class_weight not in (None, "balanced"):
             raise ValueError("--class-weight must be 'balanced' or 'none'")
@@ -65,6 +65,46 @@ class RunOptions:
     top_p: float = 1.0
     seed: int = 0
     max_new_tokens: int = 16
-    # which engine runs a linear/vision head: torch, or the exported ONNX graph (rainclf.onnx.engine)
+    # which engine runs the model: torch, or its exported ONNX graph (rainclf.onnx.engine: the image
+    # graph of a linear or LoRA head, or the head graph behind torch embeddings)
     engine: str = "torch"
     providers: list | None = None
+
+
+#: fit options only some heads read (FitOptions field → heads). ``fit --help`` lists them under
+#: their heads, and an option given for a head that would ignore it is refused, not dropped.
+HEAD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "feature": ("linear", "lora", "generative"), "layer": ("linear", "lora"), "class_weight": ("linear", "lora"),
+    "C": ("linear",), "threshold_from_val": ("linear",), "weights": ("linear",),
+    **{name: ("lora", "generative") for name in (
+        "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "steps", "lr", "train_batch_size",
+        "grad_accum", "eval_every", "patience", "precision", "force_fp16")},
+}
+
+
+def check_head_options(head: str, given) -> None:
+    """Refuse options (FitOptions / head_params names) that ``head`` does not read."""
+    ignored = [n for n in given if n in HEAD_OPTIONS and head not in HEAD_OPTIONS[n]]
+    if ignored:
+        flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+        users = sorted({h for n in ignored for h in HEAD_OPTIONS[n]})
+        raise ValueError(f"--head {head} does not use {flags} (options of --head {'|'.join(users)}): "
+                         "drop them or pick that head")
+
+
+#: ``cache_dir`` value meaning "the default cache folder" ($RAINCLF_CACHE_DIR or ~/.cache/rainclf),
+#: kept distinct from an explicit folder because ``evaluate`` reads the cache only when asked
+DEFAULT_CACHE = "default"
+
+
+def cache_choice(cache_dir: str | Path | None, no_cache: bool = False) -> str | Path | None:
+    """What the cache options say: None (no cache), an explicit folder, or ``DEFAULT_CACHE``."""
+    if no_cache:
+        return None
+    return Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE
+
+
+def resolve_cache_dir(cache_dir: str | Path | None) -> Path | None:
+    if cache_dir is None:
+        return None
+    return default_cache_dir() if cache_dir == DEFAULT_CACHE else Path(cache_dir)

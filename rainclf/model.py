@@ -1,4 +1,4 @@
-"""A saved classifier is a directory:
+"""A saved classifier is a directory, and this module reads, writes, checks and loads it:
 
     config.json        everything needed to reload: backbone identity and fingerprint, feature,
                        layer, image size, prompt, labels, threshold, head type, format version
@@ -10,6 +10,8 @@
                        ``read_seen_sha256(model_dir)``
 
 It is written atomically (temporary directory, then rename) and never contains pickles.
+``load_classifier(dir)`` rebuilds the backbone config.json names (``backbone_for``, which refuses a
+backbone with another fingerprint) and returns the head's classifier (``heads.base.Classifier``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from rainclf import __version__
 from rainclf.backbones import create_backbone
 from rainclf.backbones.base import Backbone, BackboneOptions
 from rainclf.config import RunOptions
+from rainclf.jsonfile import read_versioned
 from rainclf.labels import LABELS
 from rainclf.report.collapse import collapse_flag, collapse_message
 
@@ -71,26 +74,8 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = CONFIG_FILE) -> "ModelConfig":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ModelDirError(f"{source}: not valid JSON ({e.msg}, line {e.lineno}) — the model "
-                                "directory is damaged; refit it") from None
-        version = data.get("format_version")
-        if not isinstance(version, int):
-            raise ModelDirError(f"{source}: no format_version — not a rainclf model directory")
-        if version > FORMAT_VERSION:
-            raise ModelDirError(f"{source}: format version {version} was written by a newer rainclf "
-                                f"({data.get('rainclf_version')}); this is rainclf {__version__} "
-                                f"(format {FORMAT_VERSION}) — upgrade rainclf")
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ModelDirError(f"{source}: unknown keys {sorted(unknown)} — written by another rainclf?")
-        try:
-            return cls(**data)
-        except TypeError as e:
-            raise ModelDirError(f"{source}: {e}") from None
+        return read_versioned(cls, text, source, ModelDirError, FORMAT_VERSION, "rainclf model directory",
+                              "the model directory is damaged; refit it")
 
 
 def read_config(model_dir: str | Path) -> ModelConfig:
@@ -181,7 +166,7 @@ def check_backbone(config: ModelConfig, backbone, model_dir: str | Path) -> None
 
 
 def check_extraction(trained_on: dict | None, expected: dict, model_dir: str | Path) -> None:
-    """Refuse a head whose recorded extraction setting (``features.extraction_namespace`` at fit
+    """Refuse a head whose recorded extraction setting (``embed.extract.extraction_namespace`` at fit
     time) differs from what config.json + the backbone give now: an edited config.json or a head
     copied from another model would otherwise predict silently on the wrong embeddings."""
     if trained_on is None:

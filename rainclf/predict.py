@@ -6,9 +6,6 @@ Unreadable files become rows with an ``error`` and no label; the job goes on. Th
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +13,10 @@ from typing import Sequence
 
 from rainclf.config import RunOptions
 from rainclf.data.images import describe_path, find_images
-from rainclf.heads.base import ROW_FIELDS, Row
-from rainclf.io import atomic_file
+from rainclf.heads.base import Row
 from rainclf.model import load_classifier, read_metrics
+from rainclf.outputs import format_rows, output_format, write_rows  # noqa: F401 (format_rows: API)
+from rainclf.parallel.ddp import dist_context
 from rainclf.report.collapse import collapse_message
 
 
@@ -78,9 +76,24 @@ def open_classifier(model_dir, options: RunOptions, fallback=None, band=(0.35, 0
 def predict(inputs: str | Path | Sequence[str | Path], model_dir: str | Path,
             options: RunOptions | None = None, output: str | Path | None = None,
             classifier=None, fallback: str | Path | None = None,
-            band: tuple[float, float] = (0.35, 0.65), fallback_decoding: str = "constrained") -> PredictRun:
+            band: tuple[float, float] = (0.35, 0.65), fallback_decoding: str = "constrained") -> PredictRun | None:
     """Predict every image under ``inputs``; write ``output`` (.csv or .jsonl) if given.
-    ``fallback``: a generative model directory asked about images with p_rain inside ``band``."""
+    ``fallback``: a generative model directory asked about images with p_rain inside ``band``.
+
+    Under torchrun / accelerate launch (RANK / WORLD_SIZE set) each process predicts one shard
+    and rank 0 merges them into ``output``; the other ranks return None."""
+    if dist_context().is_distributed:
+        from rainclf.parallel.shards import predict_sharded
+
+        return predict_sharded(inputs, model_dir, options, output, classifier, fallback, band,
+                               fallback_decoding, run_local=predict_local)
+    return predict_local(inputs, model_dir, options, output, classifier, fallback, band, fallback_decoding)
+
+
+def predict_local(inputs, model_dir, options: RunOptions | None = None, output=None, classifier=None,
+                  fallback=None, band: tuple[float, float] = (0.35, 0.65),
+                  fallback_decoding: str = "constrained") -> PredictRun:
+    """``predict`` in this process only (what each shard of a multi-process run does)."""
     options = options or RunOptions()
     if output is not None:
         output_format(output)  # refuse a bad -o before any work
@@ -104,7 +117,7 @@ def predict(inputs: str | Path | Sequence[str | Path], model_dir: str | Path,
                              errors=sum(r.error is not None and r.label is None for r in rows),
                              seconds=seconds, counts=counts,
                              random_weights=bool(clf.config.backbone.get("random_weights")),
-                             notes=list(getattr(clf, "notes", [])) + collapse_notes(model_dir))
+                             notes=list(clf.notes) + collapse_notes(model_dir))
     if output is not None:
         write_rows(rows, output)
     return PredictRun(rows, summary)
@@ -116,44 +129,3 @@ def collapse_notes(model_dir) -> list[str]:
         return []
     message = collapse_message(read_metrics(model_dir))
     return [f"warning: {model_dir}: {message}"] if message else []
-
-
-def row_fields(rows: Sequence[Row]) -> list[str]:
-    fields = list(ROW_FIELDS)
-    for r in rows:
-        for k in r.extra:
-            if k not in fields:
-                fields.append(k)
-    return fields
-
-
-def format_rows(rows: Sequence[Row], fmt: str) -> str:
-    """CSV (header + one line per row; empty cells for None) or JSONL text."""
-    if fmt == "jsonl":
-        return "".join(json.dumps(r.as_dict(), ensure_ascii=False) + "\n" for r in rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=row_fields(rows), lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        d = r.as_dict()
-        writer.writerow({k: ("" if d.get(k) is None else _fmt(d.get(k))) for k in writer.fieldnames})
-    return buf.getvalue()
-
-
-def _fmt(v):
-    return f"{v:.6f}" if isinstance(v, float) else v
-
-
-def output_format(output: str | Path) -> str:
-    suffix = Path(output).suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix in (".csv", ""):
-        return "csv"
-    raise ValueError(f"-o {output}: use a .csv or .jsonl file name")
-
-
-def write_rows(rows: Sequence[Row], output: str | Path) -> None:
-    text = format_rows(rows, output_format(output))
-    with atomic_file(output, newline="") as f:
-        f.write(text)

@@ -54,3 +54,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fake_backbone(monkeypatch) -> str:
+    """The registry name of a numpy-only fake backbone (tests/fakes.py), registered for one test."""
+    from fakes import register
+
+    return register(monkeypatch)

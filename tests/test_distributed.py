@@ -9,6 +9,7 @@ model in one process with the doubled batch, and writes both loss curves to OUT_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -127,8 +128,6 @@ def test_training_helpers_are_no_ops_in_one_process():
     from rainclf.parallel.ddp import (
         all_reduce_gradients,
         broadcast_object,
-        gather_for_metrics,
-        main_process_only,
         mean_across_ranks,
         shard_batch,
     )
@@ -138,9 +137,7 @@ def test_training_helpers_are_no_ops_in_one_process():
     all_reduce_gradients([p])
     assert p.grad.tolist() == [2.0, 2.0, 2.0]
     assert mean_across_ranks(1.5) == 1.5
-    assert gather_for_metrics([1, 2]) == [1, 2]
     assert shard_batch([5, 6, 7, 8], ctx(1)) == [7, 8]
-    assert main_process_only(lambda: 42)() == 42
     assert broadcast_object({"a": 1}) == {"a": 1}
 
 
@@ -178,18 +175,19 @@ def test_predict_rerun_reuses_finished_shards(data, tmp_path):
     """Rank 1 finished, rank 0 died: the rerun computes shard 0 only. Proof: a marker put into
     shard 1's rows shows up in the merged output."""
     from rainclf.parallel.shards import SHARDS_DIR, predict_sharded
-    from rainclf.predict import predict
+    from rainclf.predict import predict, predict_local
 
     out = tmp_path / "rows.jsonl"
     single = predict(data["photos"], data["model"], run_opts()).rows
-    assert predict_sharded(data["photos"], data["model"], run_opts(), output=out, ctx=ctx(1)) is None
+    assert predict_sharded(data["photos"], data["model"], run_opts(), output=out, ctx=ctx(1), run_local=predict_local) is None
     (shard1,) = (tmp_path / SHARDS_DIR).rglob("shard-00001-of-00002.json")
     shard = json.loads(shard1.read_text())
     shard["rows"][0]["extra"] = {"marker": "from the first run"}
     shard1.write_text(json.dumps(shard))
     stale, foreign = (tmp_path / SHARDS_DIR / f"{name}-0123456789abcdef" for name in ("rows.jsonl", "rows.jsonl-2.csv"))
     stale.mkdir(), foreign.mkdir()                  # an earlier run's leftovers / another output's shards
-    run = predict_sharded(data["photos"], data["model"], run_opts(), output=out, ctx=ctx(0), timeout=0)
+    run = predict_sharded(data["photos"], data["model"], run_opts(), output=out, ctx=ctx(0), timeout=0,
+                          run_local=predict_local)
     rows = rows_of(out)
     assert [r["path"] for r in rows] == [r.path for r in single]
     assert [r["label"] for r in rows] == [r.label for r in single]
@@ -201,9 +199,10 @@ def test_predict_rerun_reuses_finished_shards(data, tmp_path):
 
 def test_predict_sharded_needs_an_output_file(data):
     from rainclf.parallel.shards import predict_sharded
+    from rainclf.predict import predict_local
 
     with pytest.raises(ValueError, match="pass -o"):
-        predict_sharded(data["photos"], data["model"], run_opts(), ctx=ctx(0))
+        predict_sharded(data["photos"], data["model"], run_opts(), ctx=ctx(0), run_local=predict_local)
 
 
 # --------------------------------------------------------------------------- torchrun, 2 processes
@@ -229,13 +228,14 @@ def test_torchrun_embed_equals_one_process(data, tmp_path):
 def test_torchrun_predict_equals_one_process_and_resumes(data, tmp_path):
     """Shard 0 pre-made by a 'rank 0 that died waiting'; torchrun computes only shard 1."""
     from rainclf.parallel.shards import predict_sharded
-    from rainclf.predict import predict
+    from rainclf.predict import predict, predict_local
 
     out = tmp_path / "rows.csv"
     single = tmp_path / "single.csv"
     predict(str(data["photos"]), data["model"], run_opts(), output=single)
     with pytest.raises(TimeoutError):
-        predict_sharded(str(data["photos"]), str(data["model"]), run_opts(), output=out, ctx=ctx(0), timeout=0)
+        predict_sharded(str(data["photos"]), str(data["model"]), run_opts(), output=out, ctx=ctx(0),
+                        timeout=0, run_local=predict_local)
     proc = torchrun(["-m", "rainclf.cli", "predict", str(data["photos"]), "--model", str(data["model"]),
                      "-o", str(out), "--batch-size", "4", "--no-cache"], tmp_path / "cache")
     assert "[rank 0/2] shard 0 reused" in proc.stderr
@@ -253,16 +253,12 @@ def ddp_curves(tmp_path_factory):
     return json.loads((out / "rank0.json").read_text()), json.loads((out / "rank1.json").read_text())
 
 
-def test_ddp_linear_through_accelerate_matches_doubled_batch(ddp_curves):
+def test_ddp_replicas_agree_and_rank0_writes(ddp_curves):
     r0, r1 = ddp_curves
-    lin = r0["linear"]
-    assert len(lin["ddp"]) == len(lin["single"]) == 8
-    np.testing.assert_allclose(lin["ddp"], lin["single"], rtol=1e-5)
-    assert r1["linear"]["ddp"] == lin["ddp"]                            # every rank logs the global loss
-    np.testing.assert_allclose(lin["gathered_p"], lin["single_p"], rtol=1e-5)   # 10 rows: padding dropped
-    assert r0["weights_equal"] and r1["weights_equal"]                   # DDP kept the replicas in step
-    assert r1["saw_main_file"]                                          # main_process_only + barrier
+    assert r0["lora"]["weights"] == r1["lora"]["weights"]               # hand-made all-reduce kept the replicas in step
+    assert r1["saw_main_file"]                                          # rank 0 wrote, barrier, rank 1 saw it
     assert r0["agreed"] == r1["agreed"] == {"from": 0}                  # broadcast_object
+    assert r1["lora"]["ddp"] == r0["lora"]["ddp"]                       # every rank logs the global loss
 
 
 def test_ddp_lora_head_matches_doubled_batch(ddp_curves):
@@ -341,52 +337,6 @@ def test_linear_fit_under_a_launcher_is_refused_before_any_work(monkeypatch, tmp
 
 # --------------------------------------------------------------------------- the DDP worker
 
-def _linear_curves(ctx_, steps: int = 8, per_rank: int = 4) -> dict:
-    """Logistic score on fixed embeddings: DDP via accelerate vs one process, doubled batch."""
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from rainclf.parallel.ddp import gather_for_metrics, mean_across_ranks, wrap_for_ddp
-
-    g = torch.Generator().manual_seed(0)
-    X, y = torch.randn(64, 16, generator=g), torch.randint(0, 2, (64,), generator=g)
-    Xv = torch.randn(10, 16, generator=g)
-
-    def fresh():
-        torch.manual_seed(1)
-        model = torch.nn.Linear(16, 2)
-        return model, torch.optim.AdamW(model.parameters(), lr=0.05)
-
-    model, opt = fresh()
-    train = DataLoader(TensorDataset(X, y), batch_size=per_rank, shuffle=False)
-    acc, model, opt, train = wrap_for_ddp(model, opt, train)
-    val = acc.prepare(DataLoader(TensorDataset(Xv), batch_size=per_rank))
-    ddp = []
-    for step, (xb, yb) in zip(range(steps), train):
-        loss = torch.nn.functional.cross_entropy(model(xb), yb)
-        acc.backward(loss)
-        opt.step()
-        opt.zero_grad()
-        ddp.append(mean_across_ranks(loss.item()))
-    with torch.no_grad():
-        p = torch.cat([gather_for_metrics(torch.softmax(model(xb), -1)[:, 1], acc) for (xb,) in val])
-    w = acc.unwrap_model(model).weight.detach()
-    same = gather_for_metrics(w.reshape(1, -1))
-    out = {"ddp": ddp, "gathered_p": p.tolist(), "weights_equal": bool(torch.equal(same[0], same[1]))}
-    if ctx_.is_main:   # the reference: one process, batch 2 × per_rank, same init and order
-        model, opt = fresh()
-        single = []
-        for step, (xb, yb) in zip(range(steps), DataLoader(TensorDataset(X, y), batch_size=2 * per_rank)):
-            loss = torch.nn.functional.cross_entropy(model(xb), yb)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            single.append(loss.item())
-        with torch.no_grad():
-            out.update(single=single, single_p=torch.softmax(model(Xv), -1)[:, 1].tolist())
-    return out
-
-
 def _lora_curves(ctx_, steps: int = 4, per_rank: int = 2) -> dict:
     """The LoRA head on glm4v-tiny, trained the way ``train_loop`` would with the hand-made sync
     (its forward goes around any DDP wrapper): same global batch on every rank, each rank its
@@ -425,26 +375,24 @@ def _lora_curves(ctx_, steps: int = 4, per_rank: int = 2) -> dict:
             opt.step()
             opt.zero_grad()
             curve.append(mean_across_ranks(loss.item()) if sync else loss.item())
-        return curve
+        weights = torch.cat([p.detach().flatten() for p in trainable]).numpy().tobytes()
+        return curve, hashlib.sha256(weights).hexdigest()
 
-    out = {"ddp": run(sync=True)}
+    out = dict(zip(("ddp", "weights"), run(sync=True)))
     if ctx_.is_main:
-        out["single"] = run(sync=False)
+        out["single"] = run(sync=False)[0]
     return out
 
 
 def _ddp_worker(out_dir: Path) -> None:
-    from rainclf.parallel.ddp import (
-        broadcast_object,
-        ensure_process_group,
-        main_process_only,
-    )
+    from rainclf.parallel.ddp import barrier, broadcast_object, ensure_process_group
 
     ctx_ = ensure_process_group()
-    result = {"linear": _linear_curves(ctx_)}
-    result["weights_equal"] = result["linear"].pop("weights_equal")
+    result = {}
     marker = out_dir / "written-by-main"
-    main_process_only(lambda: marker.write_text("rank 0"))()
+    if ctx_.is_main:                 # the fitters' pattern: rank 0 writes, every rank waits
+        marker.write_text("rank 0")
+    barrier()
     result["saw_main_file"] = marker.is_file()
     result["agreed"] = broadcast_object({"from": ctx_.rank})
     try:

@@ -15,7 +15,6 @@ pytest.importorskip("onnxruntime")
 
 from click.testing import CliRunner  # noqa: E402
 
-from rainclf.onnx import export as export_mod  # noqa: E402
 from rainclf.cli import main  # noqa: E402
 from rainclf.config import RunOptions
 from rainclf.model import (  # noqa: E402
@@ -25,6 +24,7 @@ from rainclf.model import (  # noqa: E402
     read_config,
     write_common_files,
 )
+from rainclf.onnx import export as export_mod  # noqa: E402
 from rainclf.onnx.engine import load_onnx_classifier  # noqa: E402
 from rainclf.onnx.export import ExportFailure, export_onnx  # noqa: E402
 from rainclf.onnx.format import METADATA_FILE, read_metadata

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rainclf.heads.base import Row
+from rainclf.heads.base import ClassifierBase, Row
 from rainclf.heads.fallback import FallbackClassifier
 from rainclf.labels import LABELS, NO_RAIN, RAIN
 
 P_RAIN = [0.0, 0.1, 0.35, 0.5, 0.65, 0.9, 1.0]
 
 
-class StubHead:
+class StubHead(ClassifierBase):
     """A head whose p_rain for path i is P_RAIN[i]; 'bad' paths are error rows."""
 
     config = type("Config", (), {"backbone": {"random_weights": True}})()
@@ -35,7 +35,7 @@ class StubHead:
         return rows
 
 
-class StubGen:
+class StubGen(ClassifierBase):
     """Answers the opposite of the head's label, or free text for the paths listed in ``invalid``."""
 
     def __init__(self, invalid=()):

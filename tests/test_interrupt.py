@@ -59,8 +59,8 @@ elif hook == "fit-write":       # stop while the model directory is half written
         hang()
     rainclf.heads.linear.write_common_files = half_written
 elif hook == "predict-write":   # stop after half the output file was written and flushed
-    import rainclf.predict
-    atomic_file = rainclf.predict.atomic_file
+    import rainclf.outputs
+    atomic_file = rainclf.outputs.atomic_file
     @contextlib.contextmanager
     def half_atomic(dest, *args, **kwargs):
         with atomic_file(dest, *args, **kwargs) as f:
@@ -68,7 +68,7 @@ elif hook == "predict-write":   # stop after half the output file was written an
                 def write(self, text):
                     f.write(text[: len(text) // 2]); f.flush(); os.fsync(f.fileno()); hang()
             yield Half()
-    rainclf.predict.atomic_file = half_atomic
+    rainclf.outputs.atomic_file = half_atomic
 elif hook == "export-write":    # stop after the first ONNX graph was written
     import rainclf.onnx.export
     save_graph = rainclf.onnx.export._save_graph

@@ -1,4 +1,4 @@
-"""Tests for rainclf.heads.lora (and the shared pieces in heads/lora_common.py) on glm4v-tiny, CPU."""
+"""Tests for rainclf.heads.lora (and the shared pieces in heads/adapters.py, heads/train.py) on glm4v-tiny, CPU."""
 
 from __future__ import annotations
 

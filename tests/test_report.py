@@ -18,10 +18,9 @@ from rainclf.report.metrics import (
     latency_summary,
     reliability_bins,
 )
+from rainclf.report.plots import PlottingUnavailable, check_plotting
 from rainclf.report.render import (
     MISSING,
-    PlottingUnavailable,
-    check_plotting,
     html_report,
     markdown_report,
     section_tables,

@@ -92,6 +92,24 @@ def test_pil_inputs_with_alpha_are_flattened_on_white_like_files(exported, tmp_p
     assert both[0]["p_rain"] == pytest.approx(from_pil["p_rain"], abs=1e-6)
 
 
+def test_pil_inputs_get_the_exif_rotation_files_get(exported, tmp_path):
+    """A PIL image a caller opened goes through the same RGB conversion as a decoded file (one
+    converter, data/images.to_rgb): an EXIF-rotated portrait photo gives the file's p_rain."""
+    arr = np.zeros((60, 90, 3), np.uint8)
+    arr[:, :30] = (200, 40, 40)                     # a red band on the left, blue elsewhere
+    arr[:, 30:] = (40, 60, 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                # "rotate 90° clockwise to display"
+    Image.fromarray(arr).save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    clf = OnnxClassifier.from_dir(exported)
+    from_file = clf.predict([tmp_path / "rot.jpg"])[0]
+    with Image.open(tmp_path / "rot.jpg") as opened:
+        from_pil = clf.predict([opened])[0]
+    unrotated = clf.predict([Image.fromarray(arr)])[0]
+    assert from_pil["error"] is None and from_pil["p_rain"] == pytest.approx(from_file["p_rain"], abs=1e-7)
+    assert abs(unrotated["p_rain"] - from_file["p_rain"]) > 1e-6   # the rotation is really applied
+
+
 # ------------------------------------------------------------------ predicting
 
 def test_bad_inputs_become_error_entries_and_the_rest_is_predicted(exported, tmp_path):

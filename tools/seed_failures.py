@@ -85,10 +85,10 @@ def snapshot(gen) -> dict:
 
 
 def decode(gen, examples):
-    from rainclf.heads.train import decode_paths
+    from rainclf.data.images import decode_paths
     from rainclf.labels import LABELS
 
-    images, errors = decode_paths([e.path for e in examples], gen.backbone)
+    images, errors = decode_paths([e.path for e in examples], gen.backbone.prepare_images)
     keep = [i for i, e in enumerate(errors) if e is None]
     return [images[i] for i in keep], [examples[i].label for i in keep if examples[i].label in LABELS]
 

@@ -1,9 +1,11 @@
-"""Backbone registry: a plain dict from name to builder, and the frozen-backbone interface.
+"""The frozen-backbone interface every backbone implements (``Backbone``), its errors and options,
+device choice, and content fingerprints of checkpoint directories.
 
 A backbone turns decoded RGB images into one float32 vector each for a named *feature*
 (``vision`` or ``answer``). Builders are cheap: they read configs and compute the fingerprint,
 but load weights only on the first ``embed`` call, so a run whose embeddings are all cached
-never loads the model.
+never loads the model. Implementations import this module, never the registry
+(``backbones/__init__.py``).
 
     efficientnet-lite0         ImageNet EfficientNet-Lite0 (the default; backbones/efficientnet.py)
     glm4v-tiny                 the committed random-weight GLM-4V in models/glm4v-tiny
@@ -51,9 +53,26 @@ class Backbone:
     random_weights: bool
     image_size: int
     features: tuple[str, ...]
+    _model = None             # set by load(): nothing is read from disk before the first embed
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
 
     def dim(self, feature: str) -> int:
         raise NotImplementedError
+
+    def prepare_images(self, images: Sequence) -> list:
+        """Decoded RGB images resized to the input size (default: as they are)."""
+        return list(images)
+
+    def weight_files(self) -> list[Path]:
+        """The weight files this backbone reads (for sizes in reports); [] when it has none."""
+        return []
+
+    def weights_mb(self) -> float | None:
+        files = self.weight_files()
+        return sum(p.stat().st_size for p in files) / 2**20 if files else None
 
     def describe(self) -> dict:
         """JSON-able identity, stored in model directories and cache namespaces."""
@@ -81,8 +100,12 @@ class Backbone:
 # --------------------------------------------------------------------------- device
 
 def resolve_device(device: str) -> str:
+    """``auto`` → cuda if torch sees a GPU, else cpu; ``multi`` (one model split over this node's
+    GPUs) → cuda, where its inputs go; an unusable choice → BackboneError naming the fix."""
     import torch
 
+    if device == "multi":
+        device = "cuda"
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rainclf.backbones.base import (
     DEFAULT_PROMPT,
+    WEIGHT_SUFFIXES,
     Backbone,
     BackboneError,
     BackboneOptions,
@@ -47,6 +48,9 @@ class ChatGLMBackbone(Backbone):
 
     def dim(self, feature: str) -> int:
         return self.vision_dim if feature == "vision" else self.hidden_size
+
+    def weight_files(self) -> list[Path]:
+        return sorted(p for p in self.model_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
     def load(self):
         if self._model is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from rainclf.backbones.base import (
     DEFAULT_PROMPT,
     TINY_NAME,
+    WEIGHT_SUFFIXES,
     Backbone,
     BackboneError,
     BackboneOptions,
@@ -138,6 +139,9 @@ class Glm4vBackbone(Backbone):
                                 f"{self.num_layers} layers (use {-(self.num_layers + 1)}..{self.num_layers})")
 
     # ------------------------------------------------------------------ loading
+    def weight_files(self) -> list[Path]:
+        return sorted(p for p in self.model_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
     def load(self):
         """(model, processor), loaded once: bf16 on CUDA, fp32 on CPU, frozen, eval mode."""
         if self._model is None:

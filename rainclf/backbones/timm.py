@@ -63,6 +63,9 @@ class TimmBackbone(Backbone):
             data["input_size"] = (3, int(image_size), int(image_size))
         return data
 
+    def weight_files(self) -> list[Path]:
+        return [Path(self.weights)] if self.weights and Path(self.weights).is_file() else []
+
     def load(self):
         if self._model is None:
             import timm

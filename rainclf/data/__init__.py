@@ -1,0 +1,1 @@
+"""Stage 1, the input: image files (``images.py``) and labelled datasets (``datasets.py``)."""

@@ -260,6 +260,18 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 # colour modes → RGB
 
 
+def to_rgb(im: Image.Image, name: str | os.PathLike = "<image>") -> Image.Image:
+    """Any PIL image (a file decoded here, or one a caller opened) → RGB exactly as
+    ``decode_image`` makes it: EXIF rotation applied, ICC profile → sRGB, alpha over white,
+    16-bit scaled. A plain RGB image without rotation or profile is returned as it is."""
+    if im.mode == "RGB" and not im.info.get("icc_profile") and not im.getexif().get(_EXIF_ORIENTATION):
+        return im
+    return _to_rgb(im, name)
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
 def _to_rgb(im: Image.Image, path: str | os.PathLike) -> Image.Image:
     """A new RGB image from any mode Pillow loads from our formats (``im`` is closed after)."""
     try:
@@ -317,3 +329,19 @@ def _apply_icc(im: Image.Image) -> Image.Image:
     except Exception:  # a broken profile is common on web images; the raw values are close enough
         return im
     return out if out is not None else im
+
+
+def decode_paths(paths, prepare=None):
+    """(images, errors): a decoded RGB image or None per path, and the error string or None.
+    ``prepare`` (e.g. ``Backbone.prepare_images``) resizes each image right away: less memory
+    than holding every full-size photo of a batch."""
+    images, errors = [], []
+    for p in paths:
+        try:
+            im = decode_image(read_bytes(p), p)
+            images.append(prepare([im])[0] if prepare is not None else im)
+            errors.append(None)
+        except ImageError as e:
+            images.append(None)
+            errors.append(str(e))
+    return images, errors

@@ -42,6 +42,9 @@ def extraction_namespace(backbone: Backbone, feature: str, layer: int, prompt: s
 
 
 def open_cache(cache_dir, backbone: Backbone, feature: str, layer: int, prompt: str) -> EmbeddingCache | None:
+    from rainclf.config import resolve_cache_dir
+
+    cache_dir = resolve_cache_dir(cache_dir)
     if cache_dir is None:
         return None
     return EmbeddingCache(cache_dir, extraction_namespace(backbone, feature, layer, prompt))

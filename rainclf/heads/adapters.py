@@ -1,14 +1,12 @@
-"""Pieces shared by the two LoRA heads (``heads/lora.py`` and ``heads/generative.py``).
+"""LoRA pieces shared by the LoRA head (``heads/lora.py``) and the generative head
+(``heads/generative.py``):
 
     LoraParams        the hyper-parameters (``FitOptions.head_params``), checked in __post_init__
-    check_precision   the fp16 refusal, before any model is loaded
+    check_options     the fit-time check of both heads (run before any data is read)
+    check_precision   the fp16 refusal
     private_backbone  a backbone object (and so a model) owned by one head only
     attach_lora       peft LoRA on the language model's projections, never the vision tower
-    load_adapter      base model + a saved ``adapter/`` folder
-    decode_paths      image files → RGB images, one error string per bad file (decode_examples:
-                      the same for labelled examples, bad ones skipped and reported)
-    train_loop        AdamW, gradient accumulation, autocast, validation every N steps,
-                      early stopping, best (and last) trainable state kept in memory
+    load_adapter      base model + a saved ``adapter/`` folder; ``save_adapter`` writes one
 
 Why a private backbone: ``get_peft_model`` injects LoRA layers into the model *in place*
 (GLM4V_NOTES). ``Glm4vBackbone`` caches its model, so wrapping the model of a backbone that
@@ -105,6 +103,14 @@ def check_options(options) -> None:
                          f"{options.backbone} is not a GLM-4V: add --backbone glm4v-tiny (or a GLM-4.1V/4.5V/4.6V "
                          f"directory or hub id), or use --head linear with {options.backbone}")
     check_precision(LoraParams.from_dict(options.head_params))
+    if options.feature == "vision":
+        raise ValueError(f"--head {options.head} reads the answer feature (LoRA adapts the language model): "
+                         "drop --feature vision, or use --head linear for the vision feature")
+    linear_only = [f"--{n.replace('_', '-')}" for n, v in (("C", options.C),
+                   ("threshold_from_val", options.threshold_from_val)) if v]
+    if linear_only:
+        raise ValueError(f"--head {options.head} does not use {', '.join(linear_only)} (options of "
+                         "--head linear): drop them")
 
 
 # --------------------------------------------------------------------------- precision

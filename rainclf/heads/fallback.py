@@ -19,41 +19,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from rainclf.heads.base import ClassifierBase
 from rainclf.labels import LABELS
 
 
-class AdapterOffBackbone:
-    """A generative model's backbone seen with its LoRA adapters switched off: the same frozen
-    weights the head was trained on, so one copy of a 9B model serves both head and fallback."""
-
-    def __init__(self, backbone, peft_model):
-        self._backbone, self._peft_model = backbone, peft_model
-
-    def __getattr__(self, name):
-        return getattr(self._backbone, name)
-
-    def embed(self, *args, **kwargs):
-        with self._peft_model.disable_adapter():
-            return self._backbone.embed(*args, **kwargs)
+def parse_band(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--band {text!r}: expected LO,HI such as 0.35,0.65") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"--band {text!r}: need 0 <= LO <= HI <= 1")
+    return lo, hi
 
 
-def share_base_model(head_clf, gen_clf) -> bool:
-    """Point an embedding head at the generative model's base weights when they are the same
-    backbone (fingerprint and image size) and the head has not loaded its own copy yet."""
-    head_bb, gen_bb = getattr(head_clf, "backbone", None), getattr(gen_clf, "backbone", None)
-    peft_model = getattr(getattr(gen_clf, "model", None), "peft_model", None)
-    if head_bb is None or gen_bb is None or peft_model is None or not hasattr(head_clf, "embed"):
-        return False
-    if (getattr(head_bb, "_model", None) is not None or head_bb.fingerprint != gen_bb.fingerprint
-            or head_bb.image_size != gen_bb.image_size):
-        return False
-    head_clf.backbone = AdapterOffBackbone(gen_bb, peft_model)
-    return True
-
-
-class FallbackClassifier:
-    """``head_clf`` and ``gen_clf`` are loaded classifiers (``predict_paths`` → rows); ``band`` is
-    (lo, hi) on the head's p_rain, inclusive; lo == hi sends nothing, (0, 1) sends everything."""
+class FallbackClassifier(ClassifierBase):
+    """``head_clf`` and ``gen_clf`` are loaded classifiers (``heads.base.Classifier``); ``band``
+    is (lo, hi) on the head's p_rain, inclusive; lo == hi sends nothing, (0, 1) sends everything."""
 
     def __init__(self, head_clf, gen_clf, band: tuple[float, float] = (0.35, 0.65)):
         lo, hi = (float(x) for x in band)
@@ -62,7 +44,9 @@ class FallbackClassifier:
         self.head, self.gen, self.band = head_clf, gen_clf, (lo, hi)
         self.config = head_clf.config
         self.notes: list[str] = []
-        self.shared_base = share_base_model(head_clf, gen_clf)
+        lent = gen_clf.frozen_backbone()
+        self.shared_base = lent is not None and head_clf.adopt_backbone(lent)
+        self.backbone = head_clf.backbone
 
     def in_band(self, p_rain: float | None) -> bool:
         lo, hi = self.band
@@ -87,8 +71,19 @@ class FallbackClassifier:
                 extra["format_valid"] = False
                 rows[i] = replace(head, extra=extra)
         lo, hi = self.band
-        gen_notes = list(getattr(self.gen, "notes", [])) if unsure else []
-        self.notes = list(getattr(self.head, "notes", [])) + gen_notes + [
+        gen_notes = list(self.gen.notes) if unsure else []
+        self.notes = list(self.head.notes) + gen_notes + [
             f"fallback: {len(unsure)} of {len(rows)} images asked (head p_rain in [{lo:g}, {hi:g}]), "
             f"{len(unsure) - invalid} answered with a label, {invalid} invalid answers kept the head's label"]
         return rows
+
+    def predict_proba(self, images):
+        """The head's p_rain for every image: one model's scores, so ranking and calibration
+        metrics of "head + fallback" are the head's (the fallback changes labels only)."""
+        return self.head.predict_proba(images)
+
+    def describe(self) -> dict:
+        d = self.head.describe()
+        d.update(head=f"{self.config.head}+fallback", decoding=self.gen.decoding,
+                 fallback=self.gen.describe(), n_cached=self.head.n_cached)
+        return d

@@ -1,6 +1,6 @@
 """The generative LoRA baseline (the seeds' recipe), kept honest, and its three decodings.
 
-Training (``fit_generative``, ``FITTERS["generative"]``): each example is a chat
+Training (``fit_generative``, listed in ``heads.HEADS``): each example is a chat
 ``[gMASK]<sop><|user|>\\n<image>question<|assistant|>\\n…`` followed by the label and EOS; the loss
 is cross-entropy on the answer tokens only (every prompt and padding position is -100), with
 LoRA on the language model (same defaults as the LoRA head). Every ``eval_every`` steps the
@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rainclf.backbones.base import BackboneError, BackboneOptions
+from rainclf.backbones.base import BackboneError
 from rainclf.config import FitOptions, RunOptions
 from rainclf.heads.adapters import (
     ADAPTER_DIR,
@@ -36,19 +36,21 @@ from rainclf.heads.adapters import (
     amp_dtype,
     attach_lora,
     autocast,
-    check_precision,
     cuda_devices,
     load_adapter,
-    precision_name,
-    private_backbone,
     save_adapter,
 )
-from rainclf.heads.base import Row
-from rainclf.heads.train import decode_examples, decode_paths, log, restore, train_loop
-from rainclf.io import atomic_dir
+from rainclf.heads.base import ClassifierBase, Row, label_for, rows_in_batches
+from rainclf.heads.train import (
+    outcome_metrics,
+    restore,
+    start_lora_fit,
+    train_loop,
+    write_model,
+)
+from rainclf.io import log
 from rainclf.labels import LABELS, normalise_label
-from rainclf.model import FitResult, ModelConfig, backbone_for, write_common_files
-from rainclf.parallel.ddp import barrier, ensure_process_group, rank_device
+from rainclf.model import FitResult, ModelConfig, backbone_for
 from rainclf.report.metrics import classification_metrics
 from rainclf.report.quality import assess_answer, summarise
 
@@ -224,20 +226,12 @@ def fit_generative(train: list, val: list, out_dir, options: FitOptions) -> FitR
     """Fit the generative baseline on DATA and write its model directory to OUT_DIR (atomically)."""
     import torch
 
-    params = LoraParams.from_dict(options.head_params)
-    check_precision(params)   # before any data or model work
-    ctx = ensure_process_group()   # torchrun / accelerate launch: DDP by hand in train_loop
-    backbone = private_backbone(options.backbone, BackboneOptions(
-        device=rank_device(options.device, ctx), image_size=options.image_size,
-        trust_remote_code=options.trust_remote_code))
-    if backbone.random_weights:
-        log(f"backbone {backbone.name} has RANDOM weights: its answers say nothing about real models",
-            options.progress)
+    data = start_lora_fit(train, val, options, what="answers")
+    params, ctx, backbone = data.params, data.ctx, data.backbone
+    tr_im, tr_y, va_im, va_y = data.tr_im, data.tr_y, data.va_im, data.va_y
     gen = build_generative(backbone, params, options.prompt, options.seed)
     answer_ids = gen.check_tokenisation()
     device = backbone.device
-    tr_im, tr_y, tr_skip = decode_examples(train, backbone, options.progress)
-    va_im, va_y, va_skip = decode_examples(val, backbone, options.progress)
     tr_lab, va_lab = [LABELS[i] for i in tr_y], [LABELS[i] for i in va_y]
     if not tr_im:
         raise ValueError("no readable training image")
@@ -262,21 +256,13 @@ def fit_generative(train: list, val: list, out_dir, options: FitOptions) -> FitR
                              seed=options.seed, progress=options.progress, desc="generative")
     named = gen.named_trainable()
     restore(named, outcome.best_state)
-    metrics: dict = {
-        "n_train": len(tr_im), "n_val": len(va_im), "n_skipped": len(tr_skip) + len(va_skip),
-        "skipped": tr_skip + va_skip, "random_weights_backbone": backbone.random_weights,
-        "device": device, "precision": precision_name(gen.dtype),
-        "answer_token_ids": answer_ids, "best_step": outcome.best_step, "steps_done": outcome.steps_done,
-        "stopped_early": outcome.stopped_early, "nonfinite_steps": outcome.nonfinite_steps,
-        "train_seconds": round(outcome.train_seconds, 3),
-        "steps_per_s": round(outcome.steps_per_s, 4), "history": outcome.history,
-        "selection": ("validation greedy accuracy, then format-valid rate (not loss)" if va_im
-                      else "last step (no validation split)"),
-        "checkpoints": {ADAPTER_DIR: f"best (step {outcome.best_step})",
-                        LAST_ADAPTER_DIR: f"last (step {outcome.steps_done})"},
-    }
-    if ctx.is_distributed:   # train_batch_size is per process: the global batch is world_size × larger
-        metrics["world_size"] = ctx.world_size
+    metrics = outcome_metrics(data, outcome, gen.dtype)
+    metrics.update(
+        answer_token_ids=answer_ids,
+        selection=("validation greedy accuracy, then format-valid rate (not loss)" if va_im
+                   else "last step (no validation split)"),
+        checkpoints={ADAPTER_DIR: f"best (step {outcome.best_step})",
+                     LAST_ADAPTER_DIR: f"last (step {outcome.steps_done})"})
     if va_im:
         with torch.no_grad(), autocast(device, gen.dtype):
             ev = evaluate_answers(gen, va_im, va_lab, options.batch_size, params.max_new_tokens)
@@ -288,20 +274,22 @@ def fit_generative(train: list, val: list, out_dir, options: FitOptions) -> FitR
     config = ModelConfig(head="generative", backbone=backbone.describe(), feature="answer",
                          prompt=options.prompt, dim=backbone.hidden_size, threshold=0.5,
                          head_params=params.to_dict())
-    if ctx.is_main:   # the replicas are identical: one writer
-        with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
-            save_adapter(gen.peft_model, tmp / ADAPTER_DIR)
-            restore(named, outcome.last_state)
-            save_adapter(gen.peft_model, tmp / LAST_ADAPTER_DIR)
-            restore(named, outcome.best_state)
-            write_common_files(tmp, config, metrics, seen=(train, val))
-    barrier()          # every rank returns once the directory is there
-    return FitResult(Path(out_dir), metrics, config)
+
+    def save_weights(tmp: Path) -> None:
+        save_adapter(gen.peft_model, tmp / ADAPTER_DIR)
+        restore(named, outcome.last_state)
+        save_adapter(gen.peft_model, tmp / LAST_ADAPTER_DIR)
+        restore(named, outcome.best_state)
+
+    return write_model(out_dir, options, data, config, metrics, save_weights, seen=(train, val))
 
 
-class GenerativeClassifier:
-    """A generative model directory, answering for image files (``HEAD_LOADERS["generative"]``).
-    ``checkpoint``: ``adapter`` (best, default) or ``adapter_last``."""
+class GenerativeClassifier(ClassifierBase):
+    """A generative model directory, answering for image files. ``checkpoint``: ``adapter``
+    (best, default) or ``adapter_last``. greedy/sample answers are text, mapped to a label only
+    when the text *is* one; constrained decoding scores both labels and can answer nothing else."""
+
+    decodings = DECODINGS
 
     def __init__(self, config: ModelConfig, model_dir: Path, options: RunOptions,
                  checkpoint: str = ADAPTER_DIR):
@@ -322,6 +310,12 @@ class GenerativeClassifier:
         self.backbone, self.model, self.notes = model.backbone, model, []
         return self
 
+    @property
+    def decoding(self) -> str:
+        return self.options.decoding
+
+    emits = "text"   # every decoding keeps the model's answer text in ``raw``
+
     def answer(self, images, first_index: int = 0) -> list[dict]:
         """One dict per image: label (or None), p_rain (constrained only), raw, format_valid."""
         o = self.options
@@ -329,7 +323,7 @@ class GenerativeClassifier:
             p = self.model.constrained_p_rain(images)
             out = []
             for pr in p:
-                label = LABELS[1] if pr >= self.config.threshold else LABELS[0]
+                label = label_for(pr, self.config.threshold)
                 out.append({"label": label, "p_rain": float(pr), "raw": label, "format_valid": True})
             return out
         texts = self.model.generate(images, o.decoding, o.max_new_tokens, o.temperature, o.top_p,
@@ -340,41 +334,50 @@ class GenerativeClassifier:
             out.append({"label": q.label, "p_rain": None, "raw": t, "format_valid": q.format_valid})
         return out
 
-    def predict_paths(self, paths: Sequence[str | Path]) -> list[Row]:
-        from tqdm.auto import tqdm
+    def predict_proba(self, images) -> np.ndarray | None:
+        """p_rain from the two label sequences' scores under constrained decoding; greedy and
+        sample decoding give text, not a probability (None)."""
+        if self.decoding != "constrained":
+            return None
+        return np.asarray(self.model.constrained_p_rain(list(images)), dtype=float)
 
-        o, rows = self.options, []
-        bar = tqdm(total=len(paths), desc=f"predict ({o.decoding})", unit="img", disable=not o.progress,
-                   leave=False)
-        for lo in range(0, len(paths), o.batch_size):
-            chunk = [Path(p) for p in paths[lo:lo + o.batch_size]]
-            images, errors = decode_paths(chunk, self.backbone)
-            good = [(i, im) for i, im in enumerate(images) if im is not None]
-            answers = dict(zip((i for i, _ in good), self._answer_each(good, lo)))
-            for i, (path, err) in enumerate(zip(chunk, errors)):
-                if err is not None:
-                    rows.append(Row(path=str(path), source=SOURCE, error=err))
-                    continue
-                a = answers[i]
-                rows.append(Row(path=str(path), label=a["label"], p_rain=a["p_rain"], source=SOURCE,
-                                extra={"raw": a["raw"], "format_valid": a["format_valid"],
-                                       "answer_length": assess_answer(a["raw"]).length}))
-            bar.update(len(chunk))
-        bar.close()
+    def predict_paths(self, paths: Sequence[str | Path]) -> list[Row]:
+        o = self.options
+        rows = rows_in_batches(paths, o.batch_size, self._answer_rows, self.backbone.prepare_images,
+                               o.progress, desc=f"predict ({o.decoding})", source=SOURCE)
         answered = [r for r in rows if r.error is None]
         invalid = sum(not r.extra["format_valid"] for r in answered)
         self.notes = [f"generative ({o.decoding}): {invalid} of {len(answered)} answers were not exactly a "
                       "label (format_valid=false, no label given)"] if answered else []
         return rows
 
-    def _answer_each(self, good, lo: int) -> list[dict]:
-        if not good:
-            return []
+    def _answer_rows(self, images) -> list[Row]:
         # sampling seeds follow the image's pixels, not its position: the same photo gets the same
         # sampled answer for a given --seed whatever the order, batch size, or command (predict,
         # evaluate's one-at-a-time timing, a torchrun shard)
         if self.options.decoding == "sample":
-            return [self.answer([im], first_index=image_key(im))[0] for _, im in good]
-        return self.answer([im for _, im in good])
+            answers = [self.answer([im], first_index=image_key(im))[0] for im in images]
+        else:
+            answers = self.answer(images)
+        return [Row("", a["label"], a["p_rain"], SOURCE,
+                    extra={"raw": a["raw"], "format_valid": a["format_valid"],
+                           "answer_length": assess_answer(a["raw"]).length}) for a in answers]
+
+    def frozen_backbone(self):
+        """This model's backbone seen with its LoRA adapters off: the frozen weights a head on
+        the same backbone was trained on, so one copy of a 9B model serves head and fallback."""
+        return AdapterOffBackbone(self.backbone, self.model.peft_model)
 
 
+class AdapterOffBackbone:
+    """A generative model's backbone with its LoRA adapters switched off while embedding."""
+
+    def __init__(self, backbone, peft_model):
+        self._backbone, self._peft_model = backbone, peft_model
+
+    def __getattr__(self, name):
+        return getattr(self._backbone, name)
+
+    def embed(self, *args, **kwargs):
+        with self._peft_model.disable_adapter():
+            return self._backbone.embed(*args, **kwargs)

@@ -8,16 +8,17 @@ scikit-learn nor torch: p_rain = sigmoid(((x - mean) / scale) · coef + intercep
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from rainclf.backbones import create_backbone
-from rainclf.backbones.base import BackboneOptions
-from rainclf.config import FitOptions, RunOptions
+from rainclf.backbones.base import DEFAULT_PROMPT, BackboneOptions
+from rainclf.config import FitOptions, RunOptions, check_head_options
 from rainclf.embed.extract import embed_paths, extraction_namespace, open_cache
-from rainclf.heads.base import Row
+from rainclf.heads.base import ClassifierBase, HeadArrays, Row, scored_rows
 from rainclf.io import atomic_dir, log
 from rainclf.labels import LABELS, label_to_index
 from rainclf.model import (
@@ -128,20 +129,21 @@ class LinearHead:
         head.coef_, head.mean_, head.scale_ = t["coef"], t["mean"], t["scale"]
         head.intercept_ = float(t["intercept"][0])
         head.C_ = float(meta.get("C", "nan"))
-        # what the embeddings were extracted with (features.extraction_namespace); None if not recorded
+        # what the embeddings were extracted with (embed.extract.extraction_namespace); None if not recorded
         head.trained_on_ = json.loads(meta["extraction"]) if "extraction" in meta else None
         head.n_features_in_ = head.coef_.shape[0]
         head.classes_ = np.array(LABELS)
         return head
 
 
-class LinearClassifier:
-    """Frozen backbone embeddings → linear head."""
+class LinearClassifier(ClassifierBase):
+    """Frozen backbone embeddings (through the cache) → linear head."""
+
+    frozen_embeddings = True
 
     def __init__(self, config: ModelConfig, model_dir: Path, options: RunOptions):
-        from rainclf.heads.linear import LinearHead
-
         self.config, self.model_dir, self.options = config, model_dir, options
+        self.notes: list[str] = []
         self.head = LinearHead.load(model_dir)
         if config.dim is not None and self.head.n_features_in_ != config.dim:
             raise ModelDirError(f"{model_dir}: head.safetensors expects {self.head.n_features_in_}-d "
@@ -159,32 +161,57 @@ class LinearClassifier:
     def embed(self, paths: Sequence[Path]):
         o, c = self.options, self.config
         cache = open_cache(o.cache_dir, self.backbone, c.feature, c.layer, c.prompt or "")
-        return embed_paths(self.backbone, paths, c.feature, c.layer, c.prompt or "",
-                           batch_size=o.batch_size, cache=cache, progress=o.progress, desc="predict")
+        result = embed_paths(self.backbone, paths, c.feature, c.layer, c.prompt or "",
+                             batch_size=o.batch_size, cache=cache, progress=o.progress, desc="predict")
+        self.n_cached += result.n_cached
+        self.last_embed = result   # the vectors of the last call (tests compare engines on them)
+        return result
 
     def p_rain_from_embeddings(self, vectors: np.ndarray) -> np.ndarray:
         return self.head.predict_proba(vectors)[:, 1]
 
+    def predict_proba(self, images) -> np.ndarray:
+        c = self.config
+        return self.p_rain_from_embeddings(self.backbone.embed(list(images), c.feature, c.layer, c.prompt or ""))
+
     def predict_paths(self, paths: Sequence[str | Path]) -> list[Row]:
         result = self.embed(paths)
-        rows = [Row(path=str(p), error=e) for p, e in zip(result.paths, result.errors)]
         ok = result.ok
-        if ok.any():
-            p = self.p_rain_from_embeddings(result.vectors[ok])
-            for row, pr in zip((r for r, good in zip(rows, ok) if good), p):
-                row.p_rain = float(pr)
-                row.label = LABELS[1] if pr >= self.config.threshold else LABELS[0]
-        self.last_embed = result
-        return rows
+        p = self.p_rain_from_embeddings(result.vectors[ok]) if ok.any() else []
+        return scored_rows(result.paths, result.errors, p, self.config.threshold)
+
+    def adopt_backbone(self, backbone) -> bool:
+        """Embed through ``backbone`` (a generative fallback's base model with its adapters off)
+        when it is the backbone this head was trained on and ours is not loaded yet."""
+        if (self.backbone.loaded or backbone.fingerprint != self.backbone.fingerprint
+                or backbone.image_size != self.backbone.image_size):
+            return False
+        self.backbone = backbone
+        return True
+
+    def export_source(self, images):
+        """(backbone, transformers model to trace, None, torch embeddings) for the image graph:
+        the frozen backbone as it is; the exporter applies the affine head to the embeddings."""
+        c = self.config
+        emb = self.backbone.embed(images, c.feature, c.layer, c.prompt or DEFAULT_PROMPT)
+        return self.backbone, self.backbone.load()[0], None, emb
+
+    @classmethod
+    def affine_head(cls, config, model_dir) -> HeadArrays:
+        h = LinearHead.load(model_dir)
+        return HeadArrays(h.mean_, h.scale_, np.stack([np.zeros_like(h.coef_), h.coef_]),
+                          np.array([0.0, h.intercept_]))
+
+    @classmethod
+    def head_files(cls, model_dir) -> list[Path]:
+        return [Path(model_dir) / HEAD_FILE]
 
 
 # --------------------------------------------------------------------------- fit
 
 def check_options(options: FitOptions) -> None:
     """The linear head has no LoRA/generative hyper-parameters: refuse them instead of ignoring."""
-    if options.head_params:
-        raise ValueError(f"--head linear takes no {', '.join(sorted(options.head_params))} "
-                         "(those are LoRA/generative options): drop them or pick --head lora|generative")
+    check_head_options("linear", options.head_params)
 
 
 def best_threshold(y: np.ndarray, p: np.ndarray) -> float:
@@ -204,6 +231,7 @@ def best_threshold(y: np.ndarray, p: np.ndarray) -> float:
 
 def fit_linear(train: list, val: list, out_dir, options: FitOptions) -> FitResult:
     """Embed train + validation through the cache, fit ``LinearHead``, write the model directory."""
+    options = replace(options, feature=options.feature or "vision")
     backbone = create_backbone(options.backbone, BackboneOptions(
         device=options.device, image_size=options.image_size, weights=options.weights,
         trust_remote_code=options.trust_remote_code))
@@ -249,7 +277,7 @@ def fit_linear(train: list, val: list, out_dir, options: FitOptions) -> FitResul
                          head_params={"C": head.C_, "class_weight": options.class_weight})
     with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
         # recorded in the head too, so a head copied into another directory or an edited
-        # config.json is caught at load time (classifier.py), even when the dimensions agree
+        # config.json is caught at load time (LinearClassifier), even when the dimensions agree
         namespace = extraction_namespace(backbone, options.feature, options.layer, options.prompt)
         head.save(tmp, metadata={"extraction": json.dumps(namespace, sort_keys=True, ensure_ascii=False)})
         write_common_files(tmp, config, metrics, seen=(train, val))

@@ -5,7 +5,7 @@ model would start to answer). It can only ever say 不会下雨 or 会下雨.
     image + question ──GLM-4V (vision tower frozen, LoRA on the LM projections)──▶ h (hidden,)
     h ──score: Linear(hidden, 2)──▶ logits ──softmax──▶ p_rain
 
-Training (``fit_lora``, ``HEADS["lora"]``): cross-entropy with labels weighted by inverse frequency
+Training (``fit_lora``, listed in ``heads.HEADS``): cross-entropy with labels weighted by inverse frequency
 (``--class-weight balanced``, the default, as the linear head; ``none`` weighs every image alike),
 AdamW, gradient accumulation, bf16 autocast on CUDA / fp32 on CPU, validation every N steps, early
 stopping, the best checkpoint kept by validation *balanced* accuracy, log-loss breaking ties.
@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rainclf.backbones.base import BackboneError, BackboneOptions
+from rainclf.backbones.base import BackboneError
 from rainclf.config import FitOptions, RunOptions
 from rainclf.heads.adapters import (
     ADAPTER_DIR,
@@ -37,25 +37,32 @@ from rainclf.heads.adapters import (
     amp_dtype,
     attach_lora,
     autocast,
-    check_precision,
     cuda_devices,
     load_adapter,
-    precision_name,
-    private_backbone,
     save_adapter,
 )
-from rainclf.heads.base import Row
-from rainclf.heads.train import decode_examples, decode_paths, log, restore, train_loop
-from rainclf.io import atomic_dir
+from rainclf.heads.base import (
+    ClassifierBase,
+    HeadArrays,
+    Row,
+    label_for,
+    rows_in_batches,
+)
+from rainclf.heads.train import (
+    outcome_metrics,
+    restore,
+    start_lora_fit,
+    train_loop,
+    write_model,
+)
+from rainclf.io import log
 from rainclf.labels import LABELS
 from rainclf.model import (
     FitResult,
     ModelConfig,
     ModelDirError,
     backbone_for,
-    write_common_files,
 )
-from rainclf.parallel.ddp import barrier, ensure_process_group, rank_device
 from rainclf.report.metrics import classification_metrics
 
 SCORE_FILE = "score.safetensors"
@@ -200,22 +207,11 @@ def fit_lora(train: list, val: list, out_dir, options: FitOptions) -> FitResult:
     import torch
     import torch.nn.functional as F
 
-    params = LoraParams.from_dict(options.head_params)
-    check_precision(params)   # before any data or model work
-    ctx = ensure_process_group()   # torchrun / accelerate launch: DDP by hand in train_loop
-    if options.feature != "answer":
-        log("--head lora reads the answer feature (LoRA adapts the language model); "
-            f"--feature {options.feature} is ignored", options.progress)
-    backbone = private_backbone(options.backbone, BackboneOptions(
-        device=rank_device(options.device, ctx), image_size=options.image_size,
-        trust_remote_code=options.trust_remote_code), options.layer)
-    if backbone.random_weights:
-        log(f"backbone {backbone.name} has RANDOM weights: its accuracy says nothing about real models",
-            options.progress)
+    data = start_lora_fit(train, val, options, options.layer)
+    params, ctx, backbone = data.params, data.ctx, data.backbone
+    tr_im, tr_y, va_im, va_y = data.tr_im, data.tr_y, data.va_im, data.va_y
     head = build_lora_head(backbone, params, options.layer, options.prompt, options.seed)
     device = backbone.device
-    tr_im, tr_y, tr_skip = decode_examples(train, backbone, options.progress)
-    va_im, va_y, va_skip = decode_examples(val, backbone, options.progress)
     if len(set(tr_y)) < 2:
         raise ValueError("after skipping unreadable images the training part has only one label")
     y_train = torch.tensor(tr_y, device=device)
@@ -252,21 +248,10 @@ def fit_lora(train: list, val: list, out_dir, options: FitOptions) -> FitResult:
                              start_is_candidate=score_init is not None)
     restore(head.named_trainable(), outcome.best_state)
     p_train = head.p_rain(tr_im, options.batch_size)
-    metrics: dict = {
-        "n_train": len(tr_im), "n_val": len(va_im), "n_skipped": len(tr_skip) + len(va_skip),
-        "skipped": tr_skip + va_skip, "random_weights_backbone": backbone.random_weights,
-        "device": device, "precision": precision_name(head.dtype),
-        "best_step": outcome.best_step, "steps_done": outcome.steps_done,
-        "stopped_early": outcome.stopped_early, "nonfinite_steps": outcome.nonfinite_steps,
-        "train_seconds": round(outcome.train_seconds, 3),
-        "steps_per_s": round(outcome.steps_per_s, 4), "history": outcome.history,
-        "train_accuracy": float(np.mean((p_train >= 0.5) == np.array(tr_y))),
-        "selection": ("validation balanced accuracy, then log-loss" if va_im
-                      else "last step (no validation split)"),
-        "class_weight": options.class_weight, "score_init": score_init,
-    }
-    if ctx.is_distributed:   # train_batch_size is per process: the global batch is world_size × larger
-        metrics["world_size"] = ctx.world_size
+    metrics = outcome_metrics(data, outcome, head.dtype)
+    metrics.update(train_accuracy=float(np.mean((p_train >= 0.5) == np.array(tr_y))),
+                   selection="validation balanced accuracy, then log-loss" if va_im else "last step (no validation split)",
+                   class_weight=options.class_weight, score_init=score_init)
     if va_im:
         p = head.p_rain(va_im, options.batch_size)
         pred = [LABELS[1] if q >= 0.5 else LABELS[0] for q in p]
@@ -274,49 +259,45 @@ def fit_lora(train: list, val: list, out_dir, options: FitOptions) -> FitResult:
     config = ModelConfig(head="lora", backbone=backbone.describe(), feature="answer", layer=options.layer,
                          prompt=options.prompt, dim=backbone.hidden_size, threshold=0.5,
                          head_params=params.to_dict())
-    if ctx.is_main:   # the replicas are identical: one writer
-        with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
-            head.save(tmp)
-            write_common_files(tmp, config, metrics, seen=(train, val))
-    barrier()          # every rank returns once the directory is there
-    return FitResult(Path(out_dir), metrics, config)
+    return write_model(out_dir, options, data, config, metrics, head.save, seen=(train, val))
 
 
-class LoraClassifier:
-    """A LoRA model directory, predicting image files (``HEAD_LOADERS["lora"]``)."""
+class LoraClassifier(ClassifierBase):
+    """A LoRA model directory, predicting image files."""
 
     def __init__(self, config: ModelConfig, model_dir: Path, options: RunOptions):
         self.config, self.model_dir, self.options = config, Path(model_dir), options
+        self.notes: list[str] = []
         # backbone_for builds a new backbone object: the model peft wraps is ours alone
         self.backbone = backbone_for(config, self.model_dir, options)
         self.head = LoraHeadModel.load(self.backbone, self.model_dir, config.layer,
                                        config.prompt or "")
 
+    def predict_proba(self, images) -> np.ndarray:
+        return self.head.p_rain(list(images), self.options.batch_size)
+
     def predict_paths(self, paths: Sequence[str | Path]) -> list[Row]:
-        return predict_rows(paths, self.options, lambda ims: self.head.p_rain(ims, len(ims)),
-                            self.backbone, self.config.threshold, source="head")
+        t = self.config.threshold
+        return rows_in_batches(paths, self.options.batch_size,
+                               lambda ims: [Row("", label_for(p, t), float(p)) for p in self.head.p_rain(ims, len(ims))],
+                               self.backbone.prepare_images, self.options.progress)
 
+    @classmethod
+    def affine_head(cls, config, model_dir) -> HeadArrays:
+        from safetensors.numpy import load_file
 
-def predict_rows(paths, options: RunOptions, p_fn, backbone, threshold: float, source: str) -> list[Row]:
-    """Rows for image files in batches; an unreadable file becomes an error row, never a crash."""
-    from tqdm.auto import tqdm
+        t = load_file(str(Path(model_dir) / SCORE_FILE))
+        w = t["weight"].astype(np.float64)
+        return HeadArrays(np.zeros(w.shape[1]), np.ones(w.shape[1]), w, t["bias"].astype(np.float64))
 
-    rows = []
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not options.progress, leave=False)
-    for lo in range(0, len(paths), options.batch_size):
-        chunk = [Path(p) for p in paths[lo:lo + options.batch_size]]
-        images, errors = decode_paths(chunk, backbone)
-        good = [im for im in images if im is not None]
-        p = iter(p_fn(good) if good else [])
-        for path, err in zip(chunk, errors):
-            if err is not None:
-                rows.append(Row(path=str(path), source=source, error=err))
-            else:
-                pr = float(next(p))
-                rows.append(Row(path=str(path), label=LABELS[1] if pr >= threshold else LABELS[0],
-                                p_rain=pr, source=source))
-        bar.update(len(chunk))
-    bar.close()
-    return rows
+    @classmethod
+    def head_files(cls, model_dir) -> list[Path]:
+        adapter = Path(model_dir) / ADAPTER_DIR
+        return [Path(model_dir) / SCORE_FILE] + sorted(p for p in adapter.glob("*") if p.is_file()
+                                                       and p.suffix in (".json", ".safetensors"))
 
-
+    def export_source(self, images):
+        """(backbone, plain transformers model with LoRA merged, torch p_rain, None) for the
+        image graph: the adapters are folded into the weights, so the graph is a plain GLM-4V."""
+        ref_p = self.head.p_rain(images)
+        return self.backbone, self.head.peft_model.merge_and_unload(), ref_p, None

@@ -1,19 +1,12 @@
-"""Pieces shared by the two LoRA heads (``heads/lora.py`` and ``heads/generative.py``).
+"""The training loop of the LoRA and generative heads, and its data:
 
-    LoraParams        the hyper-parameters (``FitOptions.head_params``), checked in __post_init__
-    check_precision   the fp16 refusal, before any model is loaded
-    private_backbone  a backbone object (and so a model) owned by one head only
-    attach_lora       peft LoRA on the language model's projections, never the vision tower
-    load_adapter      base model + a saved ``adapter/`` folder
-    decode_paths      image files → RGB images, one error string per bad file (decode_examples:
-                      the same for labelled examples, bad ones skipped and reported)
-    train_loop        AdamW, gradient accumulation, autocast, validation every N steps,
-                      early stopping, best (and last) trainable state kept in memory
-
-Why a private backbone: ``get_peft_model`` injects LoRA layers into the model *in place*
-(GLM4V_NOTES). ``Glm4vBackbone`` caches its model, so wrapping the model of a backbone that
-someone else embeds with would silently change their features. Each LoRA/generative head
-therefore builds its own backbone object (a fresh ``from_pretrained``) and never hands it out.
+    decode_examples   labelled examples → resized RGB images + label indices (bad files skipped
+                      and reported)
+    minibatches       a seeded endless stream of shuffled index batches
+    train_loop        AdamW, gradient accumulation, autocast, validation every N steps, early
+                      stopping, best (and last) trainable state kept in memory; under a launcher
+                      each rank trains on its part of the global batch, gradients all-reduced
+                      (``parallel/ddp.py``)
 """
 
 from __future__ import annotations
@@ -24,9 +17,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
-from rainclf.data.images import ImageError, decode_image, read_bytes
+from rainclf.data.images import decode_paths
 from rainclf.heads.adapters import LoraParams, autocast
 from rainclf.io import log
 from rainclf.parallel.ddp import (
@@ -40,26 +33,11 @@ from rainclf.parallel.ddp import (
 
 # --------------------------------------------------------------------------- data
 
-def decode_paths(paths: Sequence[str | Path], backbone=None):
-    """(images, errors): a decoded RGB image or None per path, and the error string or None.
-    With ``backbone``, images are resized to its input size right away (less memory)."""
-    images, errors = [], []
-    for p in paths:
-        try:
-            im = decode_image(read_bytes(p), p)
-            images.append(backbone.prepare_images([im])[0] if backbone is not None else im)
-            errors.append(None)
-        except ImageError as e:
-            images.append(None)
-            errors.append(str(e))
-    return images, errors
-
-
 def decode_examples(examples, backbone, progress: bool = True):
     """(images, label indices, skipped 'origin: error' strings) for a list of data.Example."""
     from rainclf.labels import label_to_index
 
-    images, errors = decode_paths([e.path for e in examples], backbone)
+    images, errors = decode_paths([e.path for e in examples], backbone.prepare_images)
     keep = [i for i, err in enumerate(errors) if err is None]
     skipped = [f"{examples[i].origin}: {err}" for i, err in enumerate(errors) if err is not None]
     for s in skipped:
@@ -233,3 +211,72 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
                         time.perf_counter() - start, nonfinite)
 
 
+# --------------------------------------------------------------------------- fit set-up and write-out
+
+@dataclass
+class TrainingData:
+    """What both LoRA fitters start from: checked params, the launcher context, a private
+    backbone, and the decoded (resized) train / validation images with label indices."""
+
+    params: LoraParams
+    ctx: object
+    backbone: object
+    tr_im: list
+    tr_y: list
+    va_im: list
+    va_y: list
+    skipped: list
+
+
+def start_lora_fit(train, val, options, layer: int | None = None, what: str = "accuracy") -> TrainingData:
+    """Params and fp16 refusal, process group (torchrun / accelerate launch: DDP by hand in
+    ``train_loop``), a private backbone on this rank's device, decoded images."""
+    from rainclf.backbones.base import BackboneOptions
+    from rainclf.heads.adapters import check_precision, private_backbone
+    from rainclf.parallel.ddp import ensure_process_group, rank_device
+
+    params = LoraParams.from_dict(options.head_params)
+    check_precision(params)
+    ctx = ensure_process_group()
+    backbone = private_backbone(options.backbone, BackboneOptions(
+        device=rank_device(options.device, ctx), image_size=options.image_size,
+        trust_remote_code=options.trust_remote_code), layer)
+    if backbone.random_weights:
+        log(f"backbone {backbone.name} has RANDOM weights: its {what} says nothing about real models",
+            options.progress)
+    tr_im, tr_y, tr_skip = decode_examples(train, backbone, options.progress)
+    va_im, va_y, va_skip = decode_examples(val, backbone, options.progress)
+    return TrainingData(params, ctx, backbone, tr_im, tr_y, va_im, va_y, tr_skip + va_skip)
+
+
+def outcome_metrics(data: TrainingData, outcome: TrainOutcome, dtype) -> dict:
+    """The metrics both LoRA fitters record about a training run."""
+    from rainclf.heads.adapters import precision_name
+
+    metrics = {
+        "n_train": len(data.tr_im), "n_val": len(data.va_im), "n_skipped": len(data.skipped),
+        "skipped": data.skipped, "random_weights_backbone": data.backbone.random_weights,
+        "device": data.backbone.device, "precision": precision_name(dtype),
+        "best_step": outcome.best_step, "steps_done": outcome.steps_done,
+        "stopped_early": outcome.stopped_early, "nonfinite_steps": outcome.nonfinite_steps,
+        "train_seconds": round(outcome.train_seconds, 3),
+        "steps_per_s": round(outcome.steps_per_s, 4), "history": outcome.history,
+    }
+    if data.ctx.is_distributed:   # train_batch_size is per process: the global batch is world_size × larger
+        metrics["world_size"] = data.ctx.world_size
+    return metrics
+
+
+def write_model(out_dir, options, data: TrainingData, config, metrics: dict, save_weights, seen=None):
+    """Rank 0 writes the model directory atomically (``save_weights(tmp)`` + config, metrics,
+    card, and the sha256 of ``seen`` = (train, validation) examples); every rank returns once it is there."""
+    from rainclf.io import atomic_dir
+    from rainclf.model import FitResult, write_common_files
+    from rainclf.parallel.ddp import barrier
+
+    if data.ctx.is_main:   # the replicas are identical: one writer
+        with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
+            save_weights(tmp)
+            write_common_files(tmp, config, metrics, seen=seen)
+    barrier()
+    return FitResult(Path(out_dir), metrics, config)

@@ -16,8 +16,10 @@ import hashlib
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from rainclf.config import RunOptions
-from rainclf.heads.base import Row
+from rainclf.heads.base import ClassifierBase, Row
 from rainclf.heads.linear import LinearClassifier
 from rainclf.model import ModelConfig, ModelDirError, read_config
 from rainclf.onnx.format import (
@@ -29,20 +31,11 @@ from rainclf.onnx.format import (
 from rainclf.onnx.runtime import OnnxClassifier
 
 
-def head_files(config: ModelConfig, model_dir: Path) -> list[Path]:
-    """The files holding a head's trained weights (what an export is built from)."""
-    if config.head == "linear":
-        return [model_dir / "head.safetensors"]
-    if config.head == "lora":
-        adapter = model_dir / "adapter"
-        return [model_dir / "score.safetensors"] + sorted(p for p in adapter.glob("*") if p.is_file()
-                                                          and p.suffix in (".json", ".safetensors"))
-    raise ModelDirError(f"{model_dir}: {config.head} heads have no ONNX export")
-
-
 def head_sha256(config: ModelConfig, model_dir: Path) -> str:
     h = hashlib.sha256()
-    for path in head_files(config, Path(model_dir)):
+    from rainclf.heads import head_classifier
+
+    for path in head_classifier(config.head).head_files(Path(model_dir)):
         if not path.is_file():
             raise ModelDirError(f"{path} is missing: the model directory is damaged; refit it")
         h.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
@@ -72,8 +65,10 @@ def check_export(meta, config: ModelConfig, model_dir: Path, export_dir: Path) -
                             f"(the model was refitted?) — {fix}")
 
 
-class OnnxImageClassifier:
-    """Image files → the exported image graph on onnxruntime."""
+class OnnxImageClassifier(ClassifierBase):
+    """Image files → the exported image graph on onnxruntime (no torch model at all)."""
+
+    engine = "onnx"
 
     def __init__(self, config: ModelConfig, runtime: OnnxClassifier, options: RunOptions):
         self.config, self.runtime, self.options = config, runtime, options
@@ -83,9 +78,18 @@ class OnnxImageClassifier:
         out = self.runtime.predict([Path(p) for p in paths], batch_size=self.options.batch_size)
         return [Row(path=r["path"], label=r["label"], p_rain=r["p_rain"], error=r["error"]) for r in out]
 
+    def predict_proba(self, images) -> np.ndarray:
+        out = self.runtime.predict(list(images), batch_size=self.options.batch_size)
+        bad = [r["error"] for r in out if r["error"]]
+        if bad:
+            raise ValueError(bad[0])
+        return np.array([r["p_rain"] for r in out], dtype=float)
+
 
 class OnnxHeadClassifier(LinearClassifier):
     """Torch backbone embeddings (cached) → the exported head graph on onnxruntime."""
+
+    engine = "onnx"
 
     def __init__(self, config: ModelConfig, model_dir: Path, options: RunOptions, runtime: OnnxClassifier):
         super().__init__(config, model_dir, options)
@@ -112,7 +116,9 @@ def load_onnx_classifier(model_dir: str | Path, options: RunOptions | None = Non
         raise ModelDirError(str(e)) from None
     if runtime.has_image_graph:
         return OnnxImageClassifier(config, runtime, options)
-    if config.head != "linear":
+    from rainclf.heads import head_classifier
+
+    if not head_classifier(config.head).frozen_embeddings:
         raise ModelDirError(f"{export_dir} holds only the head graph, whose inputs only the torch "
                             f"{config.head} model computes: rainclf export {model_dir} --include-backbone, "
                             "or use --engine torch")

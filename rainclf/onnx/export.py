@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +36,18 @@ import torch
 
 from rainclf.backbones.base import DEFAULT_PROMPT
 from rainclf.config import RunOptions
+from rainclf.heads import head_classifier
+from rainclf.heads.base import HeadArrays
 from rainclf.io import atomic_dir
-from rainclf.model import ModelConfig, ModelDirError, backbone_for, read_config
+from rainclf.model import (
+    ModelConfig,
+    ModelDirError,
+    load_classifier,
+    read_config,
+)
 from rainclf.onnx.engine import head_sha256
-from rainclf.onnx.format import EXPORT_DIR, METADATA_FILE, InputSpec, OnnxMetadata
+from rainclf.onnx.format import EXPORT_DIR, METADATA_FILE, OnnxMetadata
+from rainclf.onnx.graphs import ExportFailure, HeadGraph, ImageGraph, assemble, spec_from_processor
 from rainclf.onnx.runtime import preprocess
 
 EXTERNAL_DATA_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2   # protobuf caps a file at 2 GB
@@ -54,128 +62,6 @@ DIRECT_EXPORT_FAILURES = (
     "'conversion of scaled_dot_product_attention not implemented if enable_gqa is True'; with eager "
     "attention the graph exports but onnxruntime refuses it: Split in lm/rotary_emb (M-RoPE "
     "recomposition) 'Mismatch between the sum of split (4) and the split dimension of the input (35)'")
-
-
-class ExportFailure(RuntimeError):
-    """The image graph cannot be built or does not match torch (the head graph is still written)."""
-
-
-@dataclass
-class HeadArrays:
-    """Any rainclf head as one affine map: logits = ((x - mean) / scale) @ weight.T + bias."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    weight: np.ndarray      # (2, dim), rows in LABELS order
-    bias: np.ndarray        # (2,)
-
-    @property
-    def dim(self) -> int:
-        return int(self.weight.shape[1])
-
-    def p_rain(self, x: np.ndarray) -> np.ndarray:
-        logits = ((np.asarray(x, np.float64) - self.mean) / self.scale) @ self.weight.T + self.bias
-        return 1.0 / (1.0 + np.exp(-(logits[:, 1] - logits[:, 0])))
-
-
-def head_arrays(config: ModelConfig, model_dir: Path) -> HeadArrays:
-    if config.head == "linear":
-        from rainclf.heads.linear import LinearHead
-
-        h = LinearHead.load(model_dir)
-        return HeadArrays(h.mean_, h.scale_, np.stack([np.zeros_like(h.coef_), h.coef_]),
-                          np.array([0.0, h.intercept_]))
-    if config.head == "lora":
-        from safetensors.numpy import load_file
-
-        t = load_file(str(model_dir / "score.safetensors"))
-        w = t["weight"].astype(np.float64)
-        return HeadArrays(np.zeros(w.shape[1]), np.ones(w.shape[1]), w, t["bias"].astype(np.float64))
-    raise ModelDirError(f"{model_dir}: {config.head} heads cannot be exported to ONNX (only linear and "
-                        "lora heads; a generative head answers through a decoding loop)")
-
-
-class HeadGraph(torch.nn.Module):
-    def __init__(self, head: HeadArrays):
-        super().__init__()
-        for name in ("mean", "scale", "weight", "bias"):
-            self.register_buffer(name, torch.tensor(getattr(head, name), dtype=torch.float32))
-
-    def forward(self, x):                                    # x (B, dim)
-        logits = ((x - self.mean) / self.scale) @ self.weight.T + self.bias
-        return logits, torch.sigmoid(logits[:, 1] - logits[:, 0])
-
-
-class VisionTokens(torch.nn.Module):
-    """GLM-4V's vision tower, batched: [B·P, patch_dim] → merged tokens [B, P/m², out_hidden], or
-    with ``pooled`` their mean per image [B, out_hidden] (the ``vision`` feature)."""
-
-    def __init__(self, visual, pos_embed, cos, sin, pooled: bool = False):
-        super().__init__()
-        self.visual, self.n, self.pooled = visual, int(pos_embed.shape[0]), pooled
-        self.register_buffer("pos_embed", pos_embed.detach().clone())    # (P, C)
-        self.register_buffer("cos", cos.detach().clone().unsqueeze(-2))  # (P, 1, head_dim)
-        self.register_buffer("sin", sin.detach().clone().unsqueeze(-2))
-
-    def attention(self, attn, x):                           # x (B, P, C)
-        q, k, v = attn.qkv(x).reshape(-1, self.n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 1, 3, 4)
-        q, k = (t * self.cos + _rotate_half(t) * self.sin for t in (q, k))
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))     # (B, heads, P, head_dim)
-        w = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scaling, dim=-1)
-        return attn.proj(torch.matmul(w, v).transpose(1, 2).reshape(-1, self.n, attn.dim))
-
-    def forward(self, pixel_values):
-        v = self.visual
-        h = v.post_conv_layernorm(v.patch_embed(pixel_values))
-        h = h.view(-1, self.n, h.shape[-1]) + self.pos_embed
-        for blk in v.blocks:
-            h = h + self.attention(blk.attn, blk.norm1(h))
-            h = h + blk.mlp(blk.norm2(h))
-        h = v.post_layernorm(h)
-        m = v.spatial_merge_size
-        h = v.downsample(h.reshape(-1, m, m, h.shape[-1]).permute(0, 3, 1, 2))
-        h = v.merger(h.view(-1, v.config.out_hidden_size))
-        h = h.view(-1, self.n // (m * m), h.shape[-1])
-        return h.mean(dim=1) if self.pooled else h
-
-
-def _rotate_half(t):
-    half = t.shape[-1] // 2
-    return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
-
-
-class Prefill(torch.nn.Module):
-    """The ``answer`` feature: the fixed chat prompt with the image's tokens spliced in, run through
-    the first ``k`` decoder layers (final norm when k is the last) → hidden state at the last position."""
-
-    def __init__(self, tokens: VisionTokens, lm, prefix, suffix, mask, cos, sin, k: int):
-        super().__init__()
-        self.tokens, self.layers = tokens, torch.nn.ModuleList(list(lm.layers)[:k])
-        self.norm = lm.norm if k == len(lm.layers) else None
-        for name, t in dict(prefix=prefix, suffix=suffix, mask=mask, cos=cos, sin=sin).items():
-            self.register_buffer(name, t.detach().clone())   # batch 1: broadcast over the batch
-
-    def forward(self, pixel_values):
-        img = self.tokens(pixel_values)
-        b = img.shape[0]
-        x = torch.cat([self.prefix.expand(b, -1, -1), img.to(self.prefix.dtype),
-                       self.suffix.expand(b, -1, -1)], dim=1)
-        for layer in self.layers:
-            x = layer(x, position_embeddings=(self.cos, self.sin), attention_mask=self.mask,
-                      position_ids=None, cache=None, use_cache=False)
-            x = x[0] if isinstance(x, tuple) else x
-        return (self.norm(x) if self.norm is not None else x)[:, -1, :]
-
-
-class ImageGraph(torch.nn.Module):
-    def __init__(self, features, head: HeadGraph):
-        super().__init__()
-        self.features, self.head = features, head
-
-    def forward(self, pixel_values):
-        e = self.features(pixel_values).float()
-        logits, p = self.head(e)
-        return logits, p, e
 
 
 # ------------------------------------------------------------------ building the image graph
@@ -193,90 +79,29 @@ def synthetic_images(n: int = 3, seed: int = 0):
     return out
 
 
-def _capture(model, inputs: dict, answer: bool) -> dict:
-    """Position-only tensors from one real forward: the vision tower's interpolated position
-    embeddings and rotary cos/sin, and (answer) what the first decoder layer receives."""
-    visual, cap = model.model.visual, {}
-    hooks = [visual.embeddings.register_forward_hook(
-                 lambda m, a, kw, out: cap.update(emb=(a, kw)), with_kwargs=True),
-             visual.blocks[0].register_forward_pre_hook(
-                 lambda m, a, kw: cap.update(vision_pe=kw["position_embeddings"]), with_kwargs=True)]
-    if answer:
-        hooks.append(model.model.language_model.layers[0].register_forward_pre_hook(
-            lambda m, a, kw: cap.update(text=(a[0] if a else kw["hidden_states"], kw)), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            if answer:
-                model.model(**inputs, use_cache=False)
-            else:
-                model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                               image_grid_thw=inputs["image_grid_thw"])
-            (emb, *rest), kw = cap["emb"]
-            cap["pos_embed"] = visual.embeddings(torch.zeros_like(emb), *rest, **kw)
-    finally:
-        for h in hooks:
-            h.remove()
-    return cap
-
-
 def build_image_graph(config: ModelConfig, model_dir: Path, head: HeadArrays):
     """(ImageGraph, InputSpec, prompt token ids, synthetic images, torch p_rain, torch embeddings)."""
     kind = config.backbone.get("kind")
     options = RunOptions(device="cpu", cache_dir=None, progress=False)
-    if kind == "timm" and config.head == "linear":   # efficientnet-lite0, timm:NAME (onnx/timm_graph.py)
+    if kind == "timm":   # efficientnet-lite0, timm:NAME (onnx/timm_graph.py)
         from rainclf.onnx.timm_graph import timm_features
 
         images = synthetic_images()
-        features, spec, ref_emb = timm_features(backbone_for(config, model_dir, options), images)
+        features, spec, ref_emb = timm_features(load_classifier(model_dir, options).backbone, images)
         return ImageGraph(features, HeadGraph(head)), spec, None, images, head.p_rain(ref_emb), ref_emb
     if kind != "glm4v":
         raise ExportFailure(f"--include-backbone supports GLM-4V and timm backbones; this one is {kind!r}")
     images, prompt = synthetic_images(), config.prompt or DEFAULT_PROMPT
-    ref_emb = None
-    if config.head == "lora":
-        from rainclf.heads.lora import LoraClassifier
-
-        clf = LoraClassifier(config, model_dir, options)
-        backbone, ref_p = clf.backbone, clf.head.p_rain(images)
-        model = clf.head.peft_model.merge_and_unload()        # LoRA folded into the weights
-    else:
-        backbone = backbone_for(config, model_dir, options)
-        ref_emb = backbone.embed(images, config.feature, config.layer, prompt)
-        ref_p, model = head.p_rain(ref_emb), backbone.load()[0]
+    backbone, model, ref_p, ref_emb = load_classifier(model_dir, options).export_source(images)
+    if ref_p is None:
+        ref_p = head.p_rain(ref_emb)
     try:
-        built = _assemble(config, backbone, model, head, images, prompt)
+        built = assemble(config, backbone, model, head, images, prompt)
     except ExportFailure:
         raise
     except Exception as e:   # another architecture than the one this was written for: say what broke
         raise ExportFailure(f"assembling the image graph failed: {type(e).__name__}: {_one_line(e)}") from e
     return built + (images, ref_p, ref_emb)
-
-
-def _assemble(config: ModelConfig, backbone, model, head: HeadArrays, images, prompt: str):
-    """(ImageGraph, InputSpec, prompt token ids or None) from a loaded GLM-4V model."""
-    model.set_attn_implementation("eager")   # sdpa with GQA has no legacy ONNX conversion
-    spec = spec_from_processor(backbone.load()[1].image_processor, backbone.image_size)
-    answer = config.feature == "answer"
-    inputs = backbone.chat_inputs(images[:1], prompt) if answer else backbone.vision_inputs(images[:1])
-    cap = _capture(model, inputs, answer)
-    tokens = VisionTokens(model.model.visual, cap["pos_embed"], *cap["vision_pe"], pooled=not answer)
-    if not answer:
-        return ImageGraph(tokens, HeadGraph(head)), spec, None
-    ids = inputs["input_ids"][0]
-    where = (ids == model.config.image_token_id).nonzero().flatten()
-    start, n_img = int(where[0]), len(where)
-    if n_img != spec.patches_per_image // spec.merge_size ** 2 or int(where[-1]) != start + n_img - 1:
-        raise ExportFailure(f"the chat prompt holds {n_img} image tokens, not one run of "
-                            f"{spec.patches_per_image // spec.merge_size ** 2}")
-    h0, kw = cap["text"]
-    extra = [k for k, v in kw.items() if torch.is_tensor(v) and k != "attention_mask"]
-    if extra or kw.get("attention_mask") is None:
-        raise ExportFailure(f"the decoder layers take tensors this export does not handle: {extra}, "
-                            f"attention_mask {'missing' if kw.get('attention_mask') is None else 'present'}")
-    k = config.layer % (backbone.num_layers + 1)
-    prefill = Prefill(tokens, model.model.language_model, h0[:, :start], h0[:, start + n_img:],
-                      kw["attention_mask"], *kw["position_embeddings"], k)
-    return ImageGraph(prefill, HeadGraph(head)), spec, ids.tolist()
 
 
 # ------------------------------------------------------------------ writing
@@ -339,7 +164,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, includ
         raise ValueError(f"--opset {opset}: the TorchScript exporter supports opsets {MIN_OPSET}..{MAX_OPSET}")
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    head = head_arrays(config, model_dir)
+    head = head_classifier(config.head).affine_head(config, model_dir)
     if config.dim is not None and head.dim != config.dim:
         raise ModelDirError(f"{model_dir}: the head takes {head.dim}-d inputs but config.json says {config.dim}")
     out_dir = Path(out_dir) if out_dir else model_dir / EXPORT_DIR
@@ -417,10 +242,3 @@ def _input_spec_if_known(config: ModelConfig) -> dict | None:
         return spec_from_processor(proc, config.image_size).to_dict()
     except Exception:   # the backbone moved or is not downloaded: the head graph does not need it
         return None
-
-
-def spec_from_processor(proc, image_size: int) -> InputSpec:
-    return InputSpec(image_size=image_size, patch_size=proc.patch_size, merge_size=proc.merge_size,
-                     temporal_patch_size=proc.temporal_patch_size, rescale_factor=proc.rescale_factor,
-                     image_mean=tuple(proc.image_mean), image_std=tuple(proc.image_std),
-                     do_rescale=proc.do_rescale, do_normalize=proc.do_normalize)

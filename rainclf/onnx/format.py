@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rainclf import __version__
+from rainclf.jsonfile import read_versioned
 from rainclf.labels import LABELS
 
 METADATA_FILE = "rainclf_onnx.json"
@@ -189,22 +190,8 @@ class OnnxMetadata:
 
     @classmethod
     def from_json(cls, text: str, source: str = METADATA_FILE) -> "OnnxMetadata":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise OnnxExportError(f"{source}: not valid JSON ({e.msg}); re-run rainclf export") from None
-        if not isinstance(data, dict) or not isinstance(data.get("format_version"), int):
-            raise OnnxExportError(f"{source}: no format_version — not a rainclf ONNX export")
-        if data["format_version"] > FORMAT_VERSION:
-            raise OnnxExportError(f"{source}: format {data['format_version']} was written by a newer "
-                                  f"rainclf ({data.get('rainclf_version')}); this is {__version__}: upgrade")
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise OnnxExportError(f"{source}: unknown keys {sorted(unknown)}")
-        try:
-            meta = cls(**data)
-        except TypeError as e:
-            raise OnnxExportError(f"{source}: {e}") from None
+        meta = read_versioned(cls, text, source, OnnxExportError, FORMAT_VERSION, "rainclf ONNX export",
+                              "re-run rainclf export")
         if "head" not in meta.graphs or ("image" in meta.graphs and not meta.input):
             raise OnnxExportError(f"{source}: no head graph, or an image graph without its input spec")
         return meta

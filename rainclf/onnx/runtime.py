@@ -1,6 +1,6 @@
 """Torch-free runtime for an exported classifier (``rainclf export``): numpy, Pillow, onnxruntime.
 
-    InputSpec, OnnxMetadata   rainclf_onnx.json (``rainclf.onnx.export`` writes it, this file reads it)
+    InputSpec, OnnxMetadata   rainclf_onnx.json (``onnx/format.py``; the exporter writes it)
     pixel_values              RGB images → the GLM-4V image processor's flat patches, in numpy
     timm_pixel_values         RGB images → timm's eval transform (resize, centre crop, mean/std), in numpy
     choose_providers          CUDA → CPU, or the providers the caller names
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from rainclf.data.images import ImageError, decode_image, read_bytes
+from rainclf.data.images import ImageError, decode_image, read_bytes, to_rgb
 from rainclf.labels import LABELS
 from rainclf.onnx.format import (
     INSTALL_HINT,
@@ -37,16 +37,6 @@ from rainclf.onnx.format import (
 )
 
 # ------------------------------------------------------------------ preprocessing (numpy)
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """An RGB copy; transparency is composited over white, as ``rainclf.data.images`` does for files."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return im.convert("RGB")
-
 
 def pixel_values(images: Sequence[Image.Image], spec: InputSpec) -> np.ndarray:
     """(B · patches_per_image, patch_dim) float32, equal to the processor's ``pixel_values``."""
@@ -226,7 +216,9 @@ class OnnxClassifier:
             row["path"] = getattr(item, "filename", "") or f"<image {index}>"
             try:
                 item.load()
-                row["_image"] = to_rgb(item)
+                row["_image"] = to_rgb(item, row["path"])
+            except ImageError as e:
+                row["error"] = str(e)
             except Exception as e:  # a lazily opened, broken file
                 row["error"] = f"{row['path']}: cannot decode ({' '.join(str(e).split())})"
             return row

@@ -1,0 +1,1 @@
+"""Several processes: process-group helpers (``ddp.py``) and sharded embed/predict (``shards.py``)."""

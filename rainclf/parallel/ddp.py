@@ -6,12 +6,9 @@ build on ``dist_context`` live in ``parallel/shards.py``.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Sequence
-
-import numpy as np
 
 # --------------------------------------------------------------------------- who am I
 
@@ -93,22 +90,6 @@ def _group_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def wrap_for_ddp(model, optimizer, dataloader=None, **accelerator_kwargs):
-    """(accelerator, model, optimizer, dataloader) prepared by ``accelerate.Accelerator``: the
-    model in DDP (gradients all-reduced in ``accelerator.backward``), the dataloader sharded per
-    rank. The forward pass must go through the returned model: DDP syncs gradients only for
-    forwards it saw (calling ``model.module`` or a submodule directly trains each rank alone)."""
-    import torch
-
-    accelerator_kwargs.setdefault("cpu", not torch.cuda.is_available())
-    accelerator = _accelerate().Accelerator(**accelerator_kwargs)
-    if dataloader is None:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    else:
-        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
-    return accelerator, model, optimizer, dataloader
-
-
 def shard_batch(indices: Sequence[int], ctx: DistContext | None = None) -> list[int]:
     """This rank's contiguous part of a global batch (all ranks draw the same global batch)."""
     ctx = ctx or dist_context()
@@ -167,26 +148,6 @@ def mean_across_ranks(value: float) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def gather_for_metrics(values, accelerator=None):
-    """Every rank's ``values`` (array, tensor or list), concatenated in rank order, on every rank.
-    With an accelerator: ``accelerator.gather_for_metrics`` (drops the sampler's padding)."""
-    if accelerator is not None:
-        return accelerator.gather_for_metrics(values)
-    if not _group_ready():
-        return values
-    import torch
-    import torch.distributed as dist
-
-    parts = [None] * dist.get_world_size()
-    moved = values.detach().cpu() if isinstance(values, torch.Tensor) else values
-    dist.all_gather_object(parts, moved)
-    if isinstance(values, torch.Tensor):
-        return torch.cat(parts).to(values.device)
-    if isinstance(values, np.ndarray):
-        return np.concatenate(parts)
-    return [v for part in parts for v in part]
-
-
 def broadcast_object(obj, src: int = 0):
     """Rank ``src``'s ``obj`` on every rank: for decisions all ranks must take alike (early
     stopping on a validation each rank ran itself: a one-ulp difference must not split them)."""
@@ -204,17 +165,6 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
-
-
-def main_process_only(fn):
-    """Decorator: the body runs on rank 0 only (e.g. writing the model directory); every rank
-    then waits until it is done. Other ranks get None. All ranks must call it."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        result = fn(*args, **kwargs) if dist_context().is_main else None
-        barrier()
-        return result
-    return wrapper
 
 
 # --------------------------------------------------------------------------- big models

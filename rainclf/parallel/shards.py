@@ -1,26 +1,18 @@
-"""Several processes, one result: rainclf under ``torchrun`` / ``accelerate launch``.
+"""Sharded ``embed`` / ``predict``: several processes (``torchrun`` / ``accelerate launch``), one
+result. ``predict()`` and ``embed_to_file()`` call these when the launcher's RANK / WORLD_SIZE are
+set; the process-group helpers they build on are in ``parallel/ddp.py``.
 
-No scheduler here: the launcher starts N copies of the same command and sets RANK, WORLD_SIZE and
-LOCAL_RANK; without them everything is one process, exactly as before.
+    embed_sharded / predict_sharded      each rank writes one shard file, rank 0 merges into the
+                                         same output one process writes (same rows, order, numbers)
 
-    dist_context()                       who am I: rank, world size, local rank (from the env)
-    embed_sharded / predict_sharded      ``rainclf embed`` / ``predict`` with N processes: each rank
-                                         writes one shard file, rank 0 merges into the same output
-                                         one process writes (same rows, order and numbers)
-    ensure_process_group, wrap_for_ddp,  training pieces for the LoRA/generative fitters: gradient
-    shard_batch, all_reduce_gradients,   sync through accelerate (DDP) or by hand, gathered
-    gather_for_metrics, broadcast_object, validation, rank-0-only writes
-    main_process_only
-    device_map_kwargs                    from_pretrained kwargs for one model over this node's GPUs
-
-Shards (embed/predict). Inputs are listed in the order one process would use (``find_images`` is
-sorted, a dataset keeps its file order); rank r owns one contiguous block, cut on batch
-boundaries so every batch holds the same images as in a one-process run. Its shard file goes,
-atomically, to ``.shards/<output name>-<run key>/`` beside the output, where the run key hashes
-the inputs (path, size, mtime), the model and the settings. Rank 0 computes its own block, then
-waits for the other files (a file barrier: no process group is needed, and a dead rank leaves
-every finished shard on disk), merges, writes the output and removes the shard folder. A rerun of
-the same command skips every shard that is already there and valid.
+Inputs are listed in the order one process would use (``find_images`` is sorted, a dataset keeps
+its file order); rank r owns one contiguous block, cut on batch boundaries so every batch holds
+the same images as in a one-process run. Its shard file goes, atomically, to
+``.shards/<output name>-<run key>/`` beside the output, where the run key hashes the inputs (path,
+size, mtime), the model and the settings. Rank 0 computes its own block, then waits for the other
+files (a file barrier: no process group is needed, and a dead rank leaves every finished shard on
+disk), merges, writes the output and removes the shard folder. A rerun of the same command skips
+every shard that is already there and valid.
 """
 
 from __future__ import annotations
@@ -38,6 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from rainclf.heads.base import ClassifierBase
 from rainclf.io import atomic_file
 from rainclf.parallel.ddp import DistContext, dist_context, rank_device, shard_range
 
@@ -168,7 +161,7 @@ def embed_sharded(data, out_file, backbone_name: str, backbone_options=None, fea
         extraction_namespace,
         open_cache,
     )
-    from rainclf.embed.to_file import dataset_or_images, write_embed_file
+    from rainclf.embed.vectors import dataset_or_images, write_embed_file
 
     ctx = ctx or dist_context()
     prompt = DEFAULT_PROMPT if prompt is None else prompt
@@ -229,7 +222,7 @@ def _read_predict_shard(path: Path, key: str, paths: list[str]) -> dict | None:
     return shard
 
 
-class _MergedRows:
+class _MergedRows(ClassifierBase):
     """Stands in for the classifier on rank 0: answers with the merged shard rows, so the output
     is written by the very same ``predict`` code as in one process."""
 
@@ -245,13 +238,19 @@ class _MergedRows:
 
 def predict_sharded(inputs, model_dir, options=None, output=None, classifier=None, fallback=None,
                     band: tuple[float, float] = (0.35, 0.65), fallback_decoding: str = "constrained",
-                    ctx: DistContext | None = None, timeout: float | None = None):
-    """``predict`` with one shard per rank (same signature). Returns the PredictRun on rank 0,
-    None on the other ranks. Needs ``output``: the shards are kept beside it."""
+                    run_local=None, ctx: DistContext | None = None, timeout: float | None = None):
+    """``predict`` with one shard per rank (same signature). ``run_local`` is the one-process
+    predict (``rainclf.predict.predict_local``): it computes this rank's shard and, on rank 0,
+    writes the merged rows. Returns the PredictRun on rank 0, None on the other ranks. Needs
+    ``output``: the shards are kept beside it."""
     from rainclf.config import RunOptions
     from rainclf.data.images import find_images
     from rainclf.heads.base import Row
-    from rainclf.predict import output_format, predict
+    from rainclf.outputs import output_format
+
+    if run_local is None:
+        raise TypeError("predict_sharded needs run_local (rainclf.predict.predict_local)")
+    predict = run_local
 
     ctx = ctx or dist_context()
     options = options or RunOptions()

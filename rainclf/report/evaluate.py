@@ -42,7 +42,8 @@ from typing import Sequence
 import numpy as np
 
 from rainclf import __version__
-from rainclf.config import RunOptions
+from rainclf.backbones.base import resolve_device
+from rainclf.config import DEFAULT_CACHE, RunOptions
 from rainclf.data.datasets import load_dataset
 from rainclf.data.images import describe_path
 from rainclf.io import atomic_dir, log
@@ -54,7 +55,7 @@ from rainclf.report.metrics import (
     reliability_bins,
 )
 from rainclf.report.quality import assess_answer, summarise
-from rainclf.report.resources import PeakMemory, backbone_size_mb, dir_size_mb
+from rainclf.report.resources import PeakMemory, dir_size_mb
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_DIR = "predictions"
@@ -80,28 +81,31 @@ def _safe(text: str) -> str:
 
 def plan_models(model_dirs: Sequence, fallback=None, decodings: Sequence[str] | None = None,
                 fallback_decoding: str = "constrained") -> list[ModelSpec]:
-    """The report's columns: every model directory (a generative one once per decoding), then
-    every non-generative one combined with ``fallback``. Reads config.json only (fails fast)."""
+    """The report's columns: every model directory (one that answers by decoding once per
+    decoding), then every other one combined with ``fallback``. Reads config.json only."""
+    from rainclf.heads import head_classifier
+
     decodings = list(decodings or ["greedy"])
     specs: list[ModelSpec] = []
-    bases: list[tuple[Path, str, str]] = []
+    bases: list[tuple[Path, str, str, bool]] = []
     for d in model_dirs:
         d = Path(d)
         head = read_config(d).head
+        decodes = bool(head_classifier(head).decodings)
         base = _safe(d.name)
-        if any(b == base for _, b, _ in bases):
+        if any(b == base for _, b, _, _ in bases):
             base = f"{base}_{len(bases) + 1}"
-        bases.append((d, base, head))
-        if head == "generative":
+        bases.append((d, base, head, decodes))
+        if decodes:
             specs += [ModelSpec(f"{base}-{dec}", d, head, dec) for dec in decodings]
         else:
             specs.append(ModelSpec(base, d, head))
     if fallback is not None:
         fb = Path(fallback)
-        if read_config(fb).head != "generative":
+        if not head_classifier(read_config(fb).head).decodings:
             raise ValueError(f"--fallback {fb}: not a generative model directory (fit one with --head generative)")
-        for d, base, head in bases:
-            if head != "generative":
+        for d, base, head, decodes in bases:
+            if not decodes:
                 specs.append(ModelSpec(f"{base}+{_safe(fb.name)}-{fallback_decoding}", d,
                                        f"{head}+fallback", fallback_decoding, fb))
     names = [s.name for s in specs]
@@ -122,6 +126,7 @@ class ModelRun:
     peak_method: str
     backbone_size_mb: float | None
     n_cached: int
+    description: dict          # the classifier's describe() after the timed pass
 
 
 def run_model(spec: ModelSpec, paths: Sequence[Path], options: RunOptions, band=(0.35, 0.65),
@@ -133,7 +138,7 @@ def run_model(spec: ModelSpec, paths: Sequence[Path], options: RunOptions, band=
 
     opts = replace(options, progress=False,
                    decoding=spec.decoding if spec.fallback is None and spec.decoding else options.decoding)
-    device = _device(options.device)
+    device = resolve_device(options.device)
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         clf = open_classifier(spec.model_dir, opts, spec.fallback, band, spec.decoding or "constrained")
@@ -141,7 +146,8 @@ def run_model(spec: ModelSpec, paths: Sequence[Path], options: RunOptions, band=
             clf.predict_paths(list(paths[:1]))
         load_seconds = time.perf_counter() - t0
         size = 1 if timing == "single" else options.batch_size
-        rows, seconds, n_cached = [], [], 0
+        rows, seconds = [], []
+        cached_before = clf.describe()["n_cached"]
         bar = tqdm(total=len(paths), desc=spec.name, unit="img", disable=not options.progress, leave=False)
         for lo in range(0, len(paths), size):
             chunk = list(paths[lo:lo + size])
@@ -153,10 +159,11 @@ def run_model(spec: ModelSpec, paths: Sequence[Path], options: RunOptions, band=
                 raise RuntimeError(f"{spec.name}: predict_paths returned {len(out)} rows for {len(chunk)} images")
             rows += out
             seconds += [dt / len(chunk)] * len(chunk)
-            n_cached += int(getattr(getattr(clf, "last_embed", None), "n_cached", 0) or 0)
             bar.update(len(chunk))
         bar.close()
-    run = ModelRun(rows, seconds, load_seconds, mem.peak_mb, mem.method, backbone_size_mb(clf), n_cached)
+    d = clf.describe()
+    run = ModelRun(rows, seconds, load_seconds, mem.peak_mb, mem.method, d["backbone_weights_mb"],
+                   d["n_cached"] - cached_before, d)
     del clf
     gc.collect()
     return run
@@ -172,14 +179,6 @@ def _preimport() -> None:
             importlib.import_module(name)
         except ImportError:
             pass
-
-
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _sync(device: str) -> None:
@@ -226,7 +225,7 @@ def model_metrics(spec: ModelSpec, y_true: list[str], run: ModelRun, config) -> 
         if pm["roc_auc"] is not None:
             curves["roc"] = roc_points(y01, p)
     # output quality: a generative model's raw text; a head's (or head + fallback's) emitted label
-    generated = spec.head == "generative" and any("raw" in r.extra for r in rows)
+    generated = run.description["quality_of"] == "generated text"
     answers = [r.extra.get("raw") if generated else r.label for r in rows]
     answered = [a for a in answers if a is not None]
     quality = summarise(answered)
@@ -288,10 +287,15 @@ def evaluate(data, model_dirs: Sequence, out_dir, options: RunOptions | None = N
     Returns the dict written to metrics.json."""
     import json
 
-    from rainclf.predict import write_rows
-    from rainclf.report.render import check_plotting, write_reports
+    from rainclf.outputs import write_rows
+    from rainclf.report.plots import check_plotting
+    from rainclf.report.render import write_reports
 
     options = options or RunOptions()
+    if options.cache_dir == DEFAULT_CACHE:
+        # latency read from cached embeddings would time a disk read, not the model: the cache is
+        # used only when a folder is named explicitly
+        options = replace(options, cache_dir=None)
     if not model_dirs:
         raise ValueError("evaluate needs at least one --model directory")
     if timing not in TIMINGS:
@@ -307,7 +311,7 @@ def evaluate(data, model_dirs: Sequence, out_dir, options: RunOptions | None = N
     specs = plan_models(model_dirs, fallback, decodings, fallback_decoding)
     paths = [e.path for e in examples]
     y_true = [e.label for e in examples]
-    device = _device(options.device)
+    device = resolve_device(options.device)
     _preimport()
     for p in paths:   # read every file once: no model pays for the disk while the others hit the page cache
         try:

@@ -18,6 +18,19 @@ from rainclf.labels import LABELS, RAIN
 
 TICKS = {RAIN: "rain", LABELS[0]: "no rain"}
 DPI = 110
+INSTALL_HINT = "pip install matplotlib (or: pip install 'rainclf[report]')"
+
+
+class PlottingUnavailable(ValueError):
+    """matplotlib is missing: the report's plots cannot be drawn."""
+
+
+def check_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlottingUnavailable(f"the report plots need matplotlib: {INSTALL_HINT} "
+                                  "(or pass --no-plots)") from None
 
 
 def _png(fig) -> bytes:
@@ -31,8 +44,6 @@ def _png(fig) -> bytes:
 
 def make_plots(metrics: dict) -> dict[str, bytes]:
     """PNG bytes per plot name (plots without data, e.g. ROC when no model has p_rain, are omitted)."""
-    from rainclf.report.render import check_plotting
-
     check_plotting()
     import matplotlib
 

@@ -23,7 +23,6 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 PLOTS_DIR = "plots"
 MISSING = "—"
-INSTALL_HINT = "pip install matplotlib (or: pip install 'rainclf[report]')"
 
 # (key path into a model's dict, row header, format spec); sections of the side-by-side tables.
 SECTIONS: list[tuple[str, list[tuple[tuple, str, str]]]] = [
@@ -64,18 +63,6 @@ SECTIONS: list[tuple[str, list[tuple[tuple, str, str]]]] = [
         (("peak_memory_mb",), "peak memory (MiB)", ".1f"),
     ]),
 ]
-
-
-class PlottingUnavailable(ValueError):
-    """matplotlib is missing: the report's plots cannot be drawn."""
-
-
-def check_plotting() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise PlottingUnavailable(f"the report plots need matplotlib: {INSTALL_HINT} "
-                                  "(or pass --no-plots)") from None
 
 
 def lookup(model: dict, path: tuple):

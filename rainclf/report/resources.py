@@ -74,15 +74,3 @@ def dir_size_mb(path: Path | None, suffixes: tuple[str, ...] | None = None) -> f
     if suffixes:
         files = [p for p in files if p.suffix in suffixes]
     return sum(p.stat().st_size for p in files) / 2**20
-
-
-def backbone_size_mb(clf) -> float | None:
-    """Weight files of the backbone a loaded classifier runs on (through a fallback wrapper)."""
-    from rainclf.backbones.base import WEIGHT_SUFFIXES
-
-    backbone = getattr(clf, "backbone", None) or getattr(getattr(clf, "head", None), "backbone", None)
-    d = getattr(backbone, "model_dir", None)
-    if d is not None:
-        return dir_size_mb(d, WEIGHT_SUFFIXES)
-    weights = getattr(backbone, "weights", None)
-    return Path(weights).stat().st_size / 2**20 if weights and Path(weights).is_file() else None
