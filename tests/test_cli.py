@@ -23,7 +23,7 @@ def runner():
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     data = write_class_folders(root / "train", n_per_class=8)
-    result = CliRunner().invoke(main, ["fit", str(data), "-o", str(root / "model"), "--no-cache", "-q",
+    result = CliRunner().invoke(main, ["fit", "--backbone", "glm4v-tiny", str(data), "-o", str(root / "model"), "--no-cache", "-q",
                                        "--device", "cpu", "--seed", "1"])
     assert result.exit_code == 0, result.output
     return root, data, root / "model", result
@@ -105,7 +105,7 @@ def test_fit_unknown_label_names_file_and_line(runner, tmp_path):
     Image.new("RGB", (8, 8)).save(img)
     ok = '{"messages":[{"role":"user","content":"q","image":"x.jpg"},{"role":"assistant","content":"会下雨"}]}'
     bad.write_text(ok + "\n" + ok.replace("会下雨", "可能下雨") + "\n", encoding="utf-8")
-    r = runner.invoke(main, ["fit", str(bad), "-o", str(tmp_path / "m"), "-q"])
+    r = runner.invoke(main, ["fit", "--backbone", "glm4v-tiny", str(bad), "-o", str(tmp_path / "m"), "-q"])
     assert r.exit_code == 2 and "train.jsonl:2" in r.stderr and "可能下雨" in r.stderr
     assert not (tmp_path / "m").exists()
 
@@ -115,7 +115,7 @@ def test_embed_writes_vectors_with_labels(runner, trained, tmp_path):
 
     _, data, _, _ = trained
     out = tmp_path / "v.safetensors"
-    r = runner.invoke(main, ["embed", str(data), "-o", str(out), "--feature", "answer", "-q", "--no-cache"])
+    r = runner.invoke(main, ["embed", "--backbone", "glm4v-tiny", str(data), "-o", str(out), "--feature", "answer", "-q", "--no-cache"])
     assert r.exit_code == 0, r.output
     with safe_open(str(out), "numpy") as f:
         emb, labels = f.get_tensor("embeddings"), f.get_tensor("labels")

@@ -60,7 +60,7 @@ def data(tmp_path_factory):
         (photos / f"p{i:02d}.jpg").write_bytes(p.read_bytes())
     (photos / "p05.jpg").write_bytes(b"not a jpeg")   # an error row in the middle of shard 0
     model = root / "model"
-    fit(train, model, FitOptions(val_split=0.0, C=1.0, cache_dir=None, progress=False, device="cpu"))
+    fit(train, model, FitOptions(backbone="glm4v-tiny", val_split=0.0, C=1.0, cache_dir=None, progress=False, device="cpu"))
     return {"root": root, "train": train, "photos": photos, "model": model}
 
 
@@ -215,7 +215,7 @@ def test_torchrun_embed_equals_one_process(data, tmp_path):
 
     single, merged = tmp_path / "single.safetensors", tmp_path / "merged.safetensors"
     embed_to_file(data["train"], single, "glm4v-tiny", batch_size=4, progress=False)
-    proc = torchrun(["-m", "rainclf.cli", "embed", str(data["train"]), "-o", str(merged), "--batch-size", "4",
+    proc = torchrun(["-m", "rainclf.cli", "embed", "--backbone", "glm4v-tiny", str(data["train"]), "-o", str(merged), "--batch-size", "4",
                      "--device", "cpu"], tmp_path / "cache")
     assert proc.stdout.count("wrote") == 1 and "13 × 64" in proc.stdout   # rank 0 reports, rank 1 is silent
     a, b = load_file(single), load_file(merged)
@@ -291,7 +291,7 @@ def test_torchrun_fit_lora_matches_one_process_with_doubled_batch(tmp_path):
 
     data = write_class_folders(tmp_path / "data", n_per_class=5)      # 8 train / 2 validation
     ddp_dir, single_dir = tmp_path / "out" / "ddp", tmp_path / "single"
-    proc = torchrun(["-m", "rainclf.cli", "fit", str(data), "-o", str(ddp_dir), "--train-batch-size", "2"]
+    proc = torchrun(["-m", "rainclf.cli", "fit", "--backbone", "glm4v-tiny", str(data), "-o", str(ddp_dir), "--train-batch-size", "2"]
                     + FIT_ARGS, tmp_path / "cache")
     # no --overwrite: a second writer would have failed with "already exists" (rc != 0)
     assert proc.stdout.count("saved") == 1 and str(ddp_dir) in proc.stdout      # rank 0 reports, rank 1 is silent
@@ -301,7 +301,7 @@ def test_torchrun_fit_lora_matches_one_process_with_doubled_batch(tmp_path):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        res = CliRunner().invoke(main, ["fit", str(data), "-o", str(single_dir), "--train-batch-size", "4"] + FIT_ARGS)
+        res = CliRunner().invoke(main, ["fit", "--backbone", "glm4v-tiny", str(data), "-o", str(single_dir), "--train-batch-size", "4"] + FIT_ARGS)
         assert res.exit_code == 0, res.output
         ddp_m = json.loads((ddp_dir / "metrics.json").read_text(encoding="utf-8"))
         one_m = json.loads((single_dir / "metrics.json").read_text(encoding="utf-8"))
@@ -330,7 +330,7 @@ def test_linear_fit_under_a_launcher_is_refused_before_any_work(monkeypatch, tmp
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(ValueError, match="rainclf.cli embed"):
-        fit(tmp_path / "no-such-data", tmp_path / "model", FitOptions(device="cpu", progress=False))
+        fit(tmp_path / "no-such-data", tmp_path / "model", FitOptions(backbone="glm4v-tiny", device="cpu", progress=False))
     assert not (tmp_path / "model").exists()
 
 

@@ -73,7 +73,7 @@ def lora_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("lora") / "model"
     # a high learning rate so the LoRA weights are far from zero and merging them matters
-    fit(SAMPLE_TRAIN, d, FitOptions(head="lora", val_split=0, cache_dir=None, progress=False, device="cpu",
+    fit(SAMPLE_TRAIN, d, FitOptions(backbone="glm4v-tiny", head="lora", val_split=0, cache_dir=None, progress=False, device="cpu",
                                     head_params=dict(steps=2, lr=0.05, train_batch_size=2)))
     export_onnx(d, include_backbone=True)
     return d

@@ -159,7 +159,7 @@ def test_linear_head_shares_the_generative_base_model(dirs, feature, tmp_path):
     from rainclf.predict import open_classifier
 
     lin = tmp_path / "lin"
-    fit(dirs / "data", lin, FitOptions(feature=feature, device="cpu", cache_dir=None, progress=False, val_split=0.0))
+    fit(dirs / "data", lin, FitOptions(backbone="glm4v-tiny", feature=feature, device="cpu", cache_dir=None, progress=False, val_split=0.0))
     paths = sorted((dirs / "data").rglob("*.png"))
     opts = RunOptions(device="cpu", progress=False)
     alone = [r.p_rain for r in load_classifier(lin, opts).predict_paths(paths)]

@@ -27,7 +27,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "m"
-    fit(dataset, out, FitOptions(device="cpu", progress=False, cache_dir=None))
+    fit(dataset, out, FitOptions(backbone="glm4v-tiny", device="cpu", progress=False, cache_dir=None))
     return out
 
 
@@ -107,7 +107,7 @@ def test_real_photos_only_two_labels(model_dir, weather_photos, tmp_path):
 
 
 def test_fit_on_shared_jsonl(weather_dir, tmp_path):
-    res = fit(weather_dir / "train.jsonl", tmp_path / "w", FitOptions(device="cpu", progress=False,
+    res = fit(weather_dir / "train.jsonl", tmp_path / "w", FitOptions(backbone="glm4v-tiny", device="cpu", progress=False,
                                                                        cache_dir=tmp_path / "cache"))
     val = res.metrics["validation"]
     assert res.metrics["n_train"] + res.metrics["n_val"] == 877
@@ -150,12 +150,12 @@ def test_newer_format_and_damaged_config_refused(model_dir, tmp_path):
 def test_existing_output_dir_not_overwritten_without_flag(model_dir, dataset):
     before = (model_dir / "head.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="--overwrite"):
-        fit(dataset, model_dir, FitOptions(device="cpu", progress=False, cache_dir=None))
+        fit(dataset, model_dir, FitOptions(backbone="glm4v-tiny", device="cpu", progress=False, cache_dir=None))
     assert (model_dir / "head.safetensors").read_bytes() == before
 
 
 def test_answer_feature_model(dataset, tmp_path):
-    res = fit(dataset, tmp_path / "a", FitOptions(device="cpu", feature="answer", layer=-2, progress=False,
+    res = fit(dataset, tmp_path / "a", FitOptions(backbone="glm4v-tiny", device="cpu", feature="answer", layer=-2, progress=False,
                                                   cache_dir=None))
     cfg = read_config(tmp_path / "a")
     assert cfg.feature == "answer" and cfg.layer == -2 and cfg.prompt

@@ -41,7 +41,7 @@ def fuzz():
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-model")
     data = write_class_folders(root / "train", n_per_class=5)
-    fit(data, root / "m", FitOptions(device="cpu", progress=False, cache_dir=None, val_split=0.0))
+    fit(data, root / "m", FitOptions(backbone="glm4v-tiny", device="cpu", progress=False, cache_dir=None, val_split=0.0))
     return root / "m"
 
 

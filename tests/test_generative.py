@@ -303,7 +303,7 @@ def test_fp16_forced_trains(red_blue, tmp_path, train_images):
 @pytest.mark.parametrize("head", ["generative", "lora"])
 def test_fp16_refused_by_cli(head, red_blue, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["fit", str(red_blue), "-o", str(out), "--head", head, "--feature",
+    result = CliRunner().invoke(main, ["fit", "--backbone", "glm4v-tiny", str(red_blue), "-o", str(out), "--head", head, "--feature",
                                        "answer", "--precision", "fp16", "--no-cache", "-q"])
     assert result.exit_code == 2, result.output
     assert "fp16 is refused" in result.output and "overflow" in result.output

@@ -90,7 +90,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("int-models") / "m"
-    fit(dataset, out, FitOptions(device="cpu", progress=False, cache_dir=None))
+    fit(dataset, out, FitOptions(backbone="glm4v-tiny", device="cpu", progress=False, cache_dir=None))
     return out
 
 
@@ -170,7 +170,7 @@ def _rows(path: Path) -> dict[str, dict]:
 def test_kill_during_fit_leaves_no_model_dir_and_rerun_sweeps(dataset, tmp_path):
     parent = tmp_path / "models"
     out = parent / "m"
-    proc = _spawn(tmp_path, "fit-write", "fit", str(dataset), "-o", str(out), "--device", "cpu", "-q",
+    proc = _spawn(tmp_path, "fit-write", "fit", "--backbone", "glm4v-tiny", str(dataset), "-o", str(out), "--device", "cpu", "-q",
                   "--no-cache")
     _wait_until(proc, (tmp_path / "ready-fit-write").exists, "the model directory was being written")
     _kill9(proc)
@@ -181,7 +181,7 @@ def test_kill_during_fit_leaves_no_model_dir_and_rerun_sweeps(dataset, tmp_path)
     assert (left / "head.safetensors").is_file() and len((left / "config.json").read_text()) == 50
 
     _age(left)
-    fit(dataset, out, FitOptions(device="cpu", progress=False, cache_dir=None))
+    fit(dataset, out, FitOptions(backbone="glm4v-tiny", device="cpu", progress=False, cache_dir=None))
     assert read_config(out).head == "linear" and not _leftovers(parent)
     rows = load_classifier(out, RunOptions(device="cpu", progress=False)).predict_paths(
         sorted(dataset.rglob("*.jpg"))[:3])
@@ -194,7 +194,7 @@ def test_kill_during_fit_overwrite_keeps_the_old_model(dataset, model_dir, tmp_p
     out = tmp_path / "models" / "m"
     shutil.copytree(model_dir, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = _spawn(tmp_path, "fit-write", "fit", str(dataset), "-o", str(out), "--overwrite", "--C", "0.5",
+    proc = _spawn(tmp_path, "fit-write", "fit", "--backbone", "glm4v-tiny", str(dataset), "-o", str(out), "--overwrite", "--C", "0.5",
                   "--device", "cpu", "-q", "--no-cache")
     _wait_until(proc, (tmp_path / "ready-fit-write").exists, "the new model directory was being written")
     _kill9(proc)

@@ -45,7 +45,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("rel-models") / "vision"
-    fit(dataset, out, FitOptions(device="cpu", progress=False, cache_dir=None))
+    fit(dataset, out, FitOptions(backbone="glm4v-tiny", device="cpu", progress=False, cache_dir=None))
     return out
 
 
@@ -386,7 +386,7 @@ def test_fit_data_errors_before_model_work_library(case, jsonl_dir, no_model_wor
     data = jsonl_dir / "train.jsonl"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as e:
-        fit(data, jsonl_dir / "model", FitOptions(device="cpu", progress=False))
+        fit(data, jsonl_dir / "model", FitOptions(backbone="glm4v-tiny", device="cpu", progress=False))
     assert all(n in str(e.value) for n in needles), str(e.value)
     assert "\n" not in str(e.value)
     assert not (jsonl_dir / "model").exists()
@@ -397,7 +397,7 @@ def test_fit_data_errors_before_model_work_cli(case, jsonl_dir, no_model_work):
     lines, needles = FIT_CASES[case]
     data = jsonl_dir / "train.jsonl"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    r = CliRunner().invoke(main, ["fit", str(data), "-o", str(jsonl_dir / "model"), "--device", "cpu"])
+    r = CliRunner().invoke(main, ["fit", "--backbone", "glm4v-tiny", str(data), "-o", str(jsonl_dir / "model"), "--device", "cpu"])
     assert r.exit_code == 2, r.output
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("rainclf: error: "), r.stderr
     assert all(n in r.stderr for n in needles), r.stderr
@@ -408,7 +408,7 @@ def test_fit_csv_missing_image_has_line_number(jsonl_dir, no_model_work):
     data = jsonl_dir / "train.csv"
     data.write_text("label,path\n会下雨,0.jpg\n不会下雨,1.jpg\n会下雨,missing.jpg\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"train\.csv:4: image 'missing\.jpg' not found"):
-        fit(data, jsonl_dir / "model", FitOptions(device="cpu", progress=False))
+        fit(data, jsonl_dir / "model", FitOptions(backbone="glm4v-tiny", device="cpu", progress=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +418,7 @@ def test_fit_csv_missing_image_has_line_number(jsonl_dir, no_model_work):
 @pytest.fixture(scope="module")
 def answer_model(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("rel-models") / "answer"
-    fit(dataset, out, FitOptions(device="cpu", feature="answer", layer=-2, progress=False, cache_dir=None))
+    fit(dataset, out, FitOptions(backbone="glm4v-tiny", device="cpu", feature="answer", layer=-2, progress=False, cache_dir=None))
     return out
 
 

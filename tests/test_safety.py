@@ -107,7 +107,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def linear_dir(dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("safe")
-    fit(dataset, root / "linear", FitOptions(device="cpu", progress=False, cache_dir=root / "cache"))
+    fit(dataset, root / "linear", FitOptions(backbone="glm4v-tiny", device="cpu", progress=False, cache_dir=root / "cache"))
     return root
 
 
@@ -115,7 +115,7 @@ def test_linear_model_dir_cache_and_outputs_hold_no_pickle(linear_dir, dataset):
     root = linear_dir
     predict(dataset, root / "linear", RunOptions(device="cpu", progress=False, cache_dir=root / "cache"),
             output=root / "p.jsonl")
-    r = CliRunner().invoke(main, ["embed", str(dataset), "-o", str(root / "v.safetensors"), "-q",
+    r = CliRunner().invoke(main, ["embed", "--backbone", "glm4v-tiny", str(dataset), "-o", str(root / "v.safetensors"), "-q",
                                   "--cache-dir", str(root / "cache")])
     assert r.exit_code == 0, r.output
     written = [root / "linear", root / "cache", root / "p.jsonl", root / "v.safetensors"]
@@ -147,7 +147,7 @@ def one_thread():
 @pytest.mark.parametrize("head", ["lora", "generative"])
 def test_adapter_model_dirs_hold_no_pickle(head, dataset, tmp_path, one_thread):
     params = dict(steps=2, lr=1e-2, train_batch_size=4, eval_every=1, patience=5, max_new_tokens=4)
-    opts = FitOptions(head=head, feature="answer", device="cpu", progress=False, cache_dir=None,
+    opts = FitOptions(backbone="glm4v-tiny", head=head, feature="answer", device="cpu", progress=False, cache_dir=None,
                       val_split=0.25, head_params=params)
     fit(dataset, tmp_path / head, opts)
     files = sorted(p.relative_to(tmp_path / head).as_posix() for p in (tmp_path / head).rglob("*") if p.is_file())

@@ -53,7 +53,7 @@ def main() -> None:
         model = args.model
         if model is None:
             model = tmp / "model"
-            subprocess.run([sys.executable, "-m", "rainclf.cli", "fit", str(REPO / "data/sample/train"), "-o",
+            subprocess.run([sys.executable, "-m", "rainclf.cli", "fit", "--backbone", "glm4v-tiny", str(REPO / "data/sample/train"), "-o",
                             str(model), "--no-cache", "-q"], check=True)
         cache = tmp / "cache"
         results = {}

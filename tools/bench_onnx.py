@@ -75,7 +75,7 @@ def build(feature: str, workdir: Path):
     from rainclf.onnx.export import export_onnx
 
     model_dir = workdir / feature
-    fit(SAMPLE / "train", model_dir, FitOptions(feature=feature, cache_dir=None, progress=False,
+    fit(SAMPLE / "train", model_dir, FitOptions(backbone="glm4v-tiny", feature=feature, cache_dir=None, progress=False,
                                                 device="cpu", val_split=0.0, C=1.0))
     info = export_onnx(model_dir, include_backbone=True)
     return model_dir, info

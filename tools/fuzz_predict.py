@@ -225,7 +225,7 @@ def fit_tiny_model(out: Path) -> Path:
         for i in range(6):
             arr = np.clip(np.array(base) + rng.normal(0, 18, (32, 48, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(data / label / f"{i}.jpg")
-    fit(data, out, FitOptions(device="cpu", progress=False, cache_dir=None, val_split=0.0))
+    fit(data, out, FitOptions(backbone="glm4v-tiny", device="cpu", progress=False, cache_dir=None, val_split=0.0))
     return out
 
 

@@ -6,6 +6,11 @@ A backbone turns decoded RGB images into one float32 vector each for a named *fe
 but load weights only on the first ``embed`` call, so a run whose embeddings are all cached
 never loads the model. Implementations import this module, never the registry
 (``backbones/__init__.py``).
+
+    efficientnet-lite0         ImageNet EfficientNet-Lite0 (the default; backbones/efficientnet.py)
+    glm4v-tiny                 the committed random-weight GLM-4V in models/glm4v-tiny
+    PATH or HUB_ID             any GLM-4V-family checkpoint (glm4v, glm46v, glm4v_moe)
+    timm:NAME                  a timm image model (vision feature only)
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Sequence
 FEATURES = ("vision", "answer")
 DEFAULT_PROMPT = "根据图片判断：会下雨还是不会下雨？"
 TINY_NAME = "glm4v-tiny"
+DEFAULT_BACKBONE = "efficientnet-lite0"   # pretrained and offline: the default of fit and embed
 
 
 class BackboneError(RuntimeError):

@@ -47,7 +47,21 @@ class TimmBackbone(Backbone):
         self.fingerprint = hashlib.sha256(f"timm:{model_name}:{timm.__version__}:{wid}".encode()).hexdigest()
         self._model = None
         self._dim = None
-        self.image_size = int(options.image_size or 0)  # 0 until loaded: timm's data config decides
+        # timm's eval preprocessing (input size, resize/crop, mean/std) from the architecture's
+        # default pretrained config, known without building the model: the cache namespace and
+        # the image size a model directory records are right before the first embed
+        self.data_config = self._data_config(timm, model_name, options.image_size)
+        self.image_size = int(self.data_config["input_size"][-1]) if self.data_config else int(options.image_size or 0)
+
+    @staticmethod
+    def _data_config(timm, model_name: str, image_size: int | None) -> dict | None:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+        if cfg is None:
+            return None   # 0 until loaded: the built model's config decides
+        data = timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict())
+        if image_size:
+            data["input_size"] = (3, int(image_size), int(image_size))
+        return data
 
     def weight_files(self) -> list[Path]:
         return [Path(self.weights)] if self.weights and Path(self.weights).is_file() else []
@@ -70,13 +84,18 @@ class TimmBackbone(Backbone):
                     raise BackboneError(f"--weights {self.weights} does not fit {self.model_name}: "
                                         f"{len(missing)} missing keys (first: {missing[0]})")
             model.eval().requires_grad_(False).to(self.device)
-            cfg = timm.data.resolve_data_config({}, model=model)
-            if self.image_size:
-                cfg["input_size"] = (3, self.image_size, self.image_size)
-            self.image_size = int(cfg["input_size"][-1])
-            self._transform = timm.data.create_transform(**cfg)
+            if self.data_config is None:
+                self.data_config = self._data_config_of(timm, model)
+            self.image_size = int(self.data_config["input_size"][-1])
+            self._transform = timm.data.create_transform(**self.data_config)
             self._model = model
         return self._model
+
+    def _data_config_of(self, timm, model) -> dict:
+        cfg = timm.data.resolve_data_config({}, model=model)
+        if self.image_size:
+            cfg["input_size"] = (3, self.image_size, self.image_size)
+        return cfg
 
     def dim(self, feature: str) -> int:
         if self._dim is None:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from rainclf.backbones import create_backbone
+from rainclf.backbones import create_backbone, is_glm4v_name
 from rainclf.backbones.base import BackboneError, BackboneOptions
 from rainclf.model import ModelDirError
 
@@ -59,6 +59,7 @@ class LoraParams:
     max_new_tokens: int = 16             # generative: greedy answers during validation
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    score_init: str = "probe"            # LoRA head: "probe" (linear head's solution) | "random"
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -76,6 +77,8 @@ class LoraParams:
             raise ValueError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.score_init not in ("probe", "random"):
+            raise ValueError(f"score_init {self.score_init!r}: use probe or random")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
 
@@ -94,6 +97,11 @@ class LoraParams:
 
 def check_options(options) -> None:
     """``FitOptions`` check for the LoRA and generative heads (run before any data is read)."""
+    if not is_glm4v_name(options.backbone):
+        # decided from the name: nothing is loaded for a refusal
+        raise ValueError(f"--head {options.head} adapts a GLM-4V language model, and --backbone "
+                         f"{options.backbone} is not a GLM-4V: add --backbone glm4v-tiny (or a GLM-4.1V/4.5V/4.6V "
+                         f"directory or hub id), or use --head linear with {options.backbone}")
     check_precision(LoraParams.from_dict(options.head_params))
     if options.feature == "vision":
         raise ValueError(f"--head {options.head} reads the answer feature (LoRA adapts the language model): "

@@ -282,7 +282,7 @@ def fit_generative(train: list, val: list, out_dir, options: FitOptions) -> FitR
         save_adapter(gen.peft_model, tmp / LAST_ADAPTER_DIR)
         restore(named, outcome.best_state)
 
-    return write_model(out_dir, options, data, config, metrics, save_weights)
+    return write_model(out_dir, options, data, config, metrics, save_weights, seen=(train, val))
 
 
 class GenerativeClassifier(ClassifierBase):

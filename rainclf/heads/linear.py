@@ -280,5 +280,5 @@ def fit_linear(train: list, val: list, out_dir, options: FitOptions) -> FitResul
         # config.json is caught at load time (LinearClassifier), even when the dimensions agree
         namespace = extraction_namespace(backbone, options.feature, options.layer, options.prompt)
         head.save(tmp, metadata={"extraction": json.dumps(namespace, sort_keys=True, ensure_ascii=False)})
-        write_common_files(tmp, config, metrics)
+        write_common_files(tmp, config, metrics, seen=(train, val))
     return FitResult(Path(out_dir), metrics, config)

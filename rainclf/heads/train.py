@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,7 @@ def restore(named_params, state: dict) -> None:
 def train_loop(params: LoraParams, named_params: list, n_train: int,
                loss_fn: Callable[[list], object], evaluate: Callable[[], dict] | None,
                modules: list, device: str, dtype, seed: int = 0, progress: bool = True,
-               desc: str = "train") -> TrainOutcome:
+               desc: str = "train", start_is_candidate: bool = False) -> TrainOutcome:
     """Generic LoRA training.
 
     ``loss_fn(indices)`` returns the mean loss of one micro-batch (run under autocast here).
@@ -97,6 +98,8 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
     (step 0, recorded only) and every ``eval_every`` steps. The state with the best rank is kept
     (ties keep the earlier one: less drift) and ``patience`` validations without a better rank
     stop training. Without ``evaluate`` (no validation split) the last state is kept.
+    ``start_is_candidate``: step 0 competes too — for a start that is already a trained head
+    (the LoRA head's probe-initialised score layer), which training must beat to replace.
     ``modules`` are switched to train mode for steps and eval mode for validation.
 
     Under torchrun / accelerate launch (WORLD_SIZE > 1; the process group is joined here if the
@@ -108,6 +111,7 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
     stop). One process: all of this is a no-op.
     """
     import torch
+    from tqdm.auto import tqdm
 
     ctx = ensure_process_group()   # the fitters joined it already; idempotent, no-op in one process
     if n_train < ctx.world_size:
@@ -121,6 +125,9 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
     batches = minibatches(n_train, params.train_batch_size * ctx.world_size, seed)  # same on every rank
     history: list = []
     best = {"rank": None, "step": 0, "state": None}
+    # one bar over optimizer steps: the running loss and tqdm's ETA (validations pause it)
+    bar = tqdm(total=params.steps, desc=desc, unit="step", disable=not progress, leave=False,
+               dynamic_ncols=True)
     start, train_s, running, stopped, step, bad = time.perf_counter(), 0.0, [], False, 0, 0
     nonfinite = 0
 
@@ -140,10 +147,11 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
             entry.update(broadcast_object(evaluate()))
         rank = tuple(entry.pop("rank"))
         history.append(entry)
-        log(f"{desc} step {step}/{params.steps}: " + ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k != "step"),
-            progress)
-        if step == 0:
+        if progress:   # above the bar, not through it
+            bar.write(f"rainclf: {desc} step {step}/{params.steps}: " + ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k != "step"),
+                file=sys.stderr)
+        if step == 0 and not start_is_candidate:
             return False
         if best["rank"] is None or rank > best["rank"]:
             best.update(rank=rank, step=step, state=_snapshot(named_params))
@@ -151,7 +159,7 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
         return False
 
     if evaluate is not None:
-        validate(0)   # the untrained adapter: the "before" figures
+        validate(0)   # the untrained adapter: the "before" figures (a candidate if start_is_candidate)
     for step in range(1, params.steps + 1):
         t0 = time.perf_counter()
         for m in modules:
@@ -180,6 +188,8 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
         opt.zero_grad(set_to_none=True)
         running.append(total)
         train_s += time.perf_counter() - t0
+        bar.set_postfix(loss=f"{sum(running) / len(running):.4f}", refresh=False)
+        bar.update(1)
         if evaluate is None or (step % params.eval_every and step != params.steps):
             continue
         bad = 0 if validate(step) else bad + 1
@@ -188,6 +198,7 @@ def train_loop(params: LoraParams, named_params: list, n_train: int,
             log(f"{desc}: early stop at step {step} ({bad} validations without improvement; "
                 f"best step {best['step']})", progress)
             break
+    bar.close()
     for m in modules:
         m.eval()
     last_state = _snapshot(named_params)
@@ -256,9 +267,9 @@ def outcome_metrics(data: TrainingData, outcome: TrainOutcome, dtype) -> dict:
     return metrics
 
 
-def write_model(out_dir, options, data: TrainingData, config, metrics: dict, save_weights):
+def write_model(out_dir, options, data: TrainingData, config, metrics: dict, save_weights, seen=None):
     """Rank 0 writes the model directory atomically (``save_weights(tmp)`` + config, metrics,
-    card); every rank returns once it is there."""
+    card, and the sha256 of ``seen`` = (train, validation) examples); every rank returns once it is there."""
     from rainclf.io import atomic_dir
     from rainclf.model import FitResult, write_common_files
     from rainclf.parallel.ddp import barrier
@@ -266,6 +277,6 @@ def write_model(out_dir, options, data: TrainingData, config, metrics: dict, sav
     if data.ctx.is_main:   # the replicas are identical: one writer
         with atomic_dir(out_dir, overwrite=options.overwrite) as tmp:
             save_weights(tmp)
-            write_common_files(tmp, config, metrics)
+            write_common_files(tmp, config, metrics, seen=seen)
     barrier()
     return FitResult(Path(out_dir), metrics, config)

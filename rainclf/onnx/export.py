@@ -6,6 +6,8 @@ runtime (``rainclf.onnx.runtime``) and ``rainclf predict --engine onnx``.
            fixed image size, P patches per image) → vision tower → vision: mean of the merged
            tokens | answer, LoRA: prefill of the chat prompt up to the head's layer
            → head → logits, p_rain, embeddings [batch, dim]          (--include-backbone)
+           timm backbones (efficientnet-lite0): pixel_values [batch, 3, S, S] → pooled features
+           → head (onnx/timm_graph.py)
 
 ``model.onnx`` is the image graph when there is one, else the head graph; ``head.onnx`` holds the
 head graph beside an image graph. Weights move to ``model.onnx.data`` past protobuf's 2 GB.
@@ -45,8 +47,8 @@ from rainclf.model import (
 )
 from rainclf.onnx.engine import head_sha256
 from rainclf.onnx.format import EXPORT_DIR, METADATA_FILE, OnnxMetadata
-from rainclf.onnx.graphs import ExportFailure, HeadGraph, assemble, spec_from_processor
-from rainclf.onnx.runtime import pixel_values
+from rainclf.onnx.graphs import ExportFailure, HeadGraph, ImageGraph, assemble, spec_from_processor
+from rainclf.onnx.runtime import preprocess
 
 EXTERNAL_DATA_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2   # protobuf caps a file at 2 GB
 PARITY_TOL = 1e-4                                      # max |Δp_rain| torch vs onnxruntime
@@ -80,9 +82,15 @@ def synthetic_images(n: int = 3, seed: int = 0):
 def build_image_graph(config: ModelConfig, model_dir: Path, head: HeadArrays):
     """(ImageGraph, InputSpec, prompt token ids, synthetic images, torch p_rain, torch embeddings)."""
     kind = config.backbone.get("kind")
-    if kind != "glm4v":
-        raise ExportFailure(f"--include-backbone supports GLM-4V backbones only; this one is {kind!r}")
     options = RunOptions(device="cpu", cache_dir=None, progress=False)
+    if kind == "timm":   # efficientnet-lite0, timm:NAME (onnx/timm_graph.py)
+        from rainclf.onnx.timm_graph import timm_features
+
+        images = synthetic_images()
+        features, spec, ref_emb = timm_features(load_classifier(model_dir, options).backbone, images)
+        return ImageGraph(features, HeadGraph(head)), spec, None, images, head.p_rain(ref_emb), ref_emb
+    if kind != "glm4v":
+        raise ExportFailure(f"--include-backbone supports GLM-4V and timm backbones; this one is {kind!r}")
     images, prompt = synthetic_images(), config.prompt or DEFAULT_PROMPT
     backbone, model, ref_p, ref_emb = load_classifier(model_dir, options).export_source(images)
     if ref_p is None:
@@ -194,9 +202,9 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, includ
 def _write_image_graph(tmp: Path, built: tuple, meta: OnnxMetadata, opset: int, config: ModelConfig) -> None:
     """model.onnx, kept only if onnxruntime gives torch's p_rain on the synthetic images."""
     graph, spec, ids, images, ref_p, ref_emb = built
-    px = pixel_values(images, spec)
+    px = preprocess(images, spec)
     try:
-        entry = _save_graph(graph, torch.from_numpy(px[: 2 * spec.patches_per_image]), tmp / "model.onnx",
+        entry = _save_graph(graph, torch.from_numpy(px[: 2 * spec.rows_per_image]), tmp / "model.onnx",
                             "pixel_values", ["logits", "p_rain", "embeddings"], opset, config)
         p, emb = _run(tmp / "model.onnx", {"pixel_values": px}, ["p_rain", "embeddings"])
     except Exception as e:   # the exporter's own errors vary: keep the head graph, say why
@@ -206,10 +214,8 @@ def _write_image_graph(tmp: Path, built: tuple, meta: OnnxMetadata, opset: int, 
         meta.parity["image"] = {"n_images": len(images), "max_abs_dp": dp, "max_abs_d_embedding":
                                 None if ref_emb is None else float(np.abs(emb - ref_emb).max())}
         if dp <= PARITY_TOL:
-            n, dim = spec.patches_per_image, meta.dim
-            entry.update(inputs={"pixel_values": [f"batch*{n}", spec.patch_dim]},
-                         outputs={"logits": ["batch", 2], "p_rain": ["batch"], "embeddings": ["batch", dim]},
-                         batch="dynamic", image_size=spec.image_size, patches_per_image=n)
+            entry.update(outputs={"logits": ["batch", 2], "p_rain": ["batch"], "embeddings": ["batch", meta.dim]},
+                         batch="dynamic", **spec.graph_facts())
             meta.graphs["image"], meta.input, meta.prompt_token_ids = entry, spec.to_dict(), ids
             return
         meta.not_exported["image"] = (f"onnxruntime differs from torch by {dp:.2e} in p_rain on "

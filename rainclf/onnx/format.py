@@ -1,5 +1,5 @@
 """The export folder's file format: ``rainclf_onnx.json`` (labels, threshold, fingerprint, input
-spec, prompt token ids, head hash, parity) as dataclasses. numpy only: the torch-free runtime and
+spec — GLM-4V patches or a timm resize/crop/normalise —, prompt token ids, head hash, parity) as dataclasses. numpy only: the torch-free runtime and
 the exporter both read it.
 """
 
@@ -69,6 +69,16 @@ class InputSpec:
     def patch_dim(self) -> int:
         return 3 * self.temporal_patch_size * self.patch_size ** 2
 
+    @property
+    def rows_per_image(self) -> int:
+        """Rows of ``pixel_values`` one image becomes."""
+        return self.patches_per_image
+
+    def graph_facts(self) -> dict:
+        """What the image graph's entry in rainclf_onnx.json says about its input."""
+        return {"inputs": {"pixel_values": [f"batch*{self.patches_per_image}", self.patch_dim]},
+                "image_size": self.image_size, "patches_per_image": self.patches_per_image}
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(image_mean=list(self.image_mean), image_std=list(self.image_std),
@@ -79,6 +89,62 @@ class InputSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class TimmInputSpec:
+    """How an image becomes a timm image graph's ``pixel_values`` [batch, 3, S, S]: timm's eval
+    transform from the model's data config, in numpy (``runtime.timm_pixel_values``): resize the
+    shorter side to ``resize`` (the longer to ``int(resize · long / short)``; skipped when the
+    image has that size already) with PIL ``interpolation``, centre crop S × S (offsets rounded as
+    torchvision does), scale to [0, 1], subtract ``image_mean``, divide by ``image_std``."""
+
+    image_size: int                  # S, the centre crop
+    resize: int                      # shorter side before the crop: floor(S / crop_pct)
+    image_mean: tuple
+    image_std: tuple
+    interpolation: str = "bicubic"
+    kind: str = "timm"
+
+    def __post_init__(self):
+        if self.kind != "timm" or self.interpolation not in TIMM_INTERPOLATIONS:
+            raise OnnxExportError(f"unsupported timm input spec: kind {self.kind}, interpolation {self.interpolation}")
+        if not 0 < self.image_size <= self.resize:
+            raise OnnxExportError(f"timm input spec: crop {self.image_size} must lie in (0, resize {self.resize}]")
+        object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
+        object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
+
+    @classmethod
+    def from_data_config(cls, cfg: dict) -> "TimmInputSpec":
+        """From ``timm.data.resolve_data_config`` (centre crop mode, square input)."""
+        import math
+
+        size = int(cfg["input_size"][-1])
+        if cfg.get("crop_mode", "center") != "center" or int(cfg["input_size"][-2]) != size:
+            raise OnnxExportError(f"timm data config {cfg}: only a square centre crop is supported")
+        return cls(image_size=size, resize=math.floor(size / float(cfg.get("crop_pct") or 0.875)),
+                   image_mean=tuple(cfg["mean"]), image_std=tuple(cfg["std"]),
+                   interpolation=str(cfg.get("interpolation", "bilinear")))
+
+    @property
+    def rows_per_image(self) -> int:
+        return 1
+
+    def graph_facts(self) -> dict:
+        return {"inputs": {"pixel_values": ["batch", 3, self.image_size, self.image_size]},
+                "image_size": self.image_size}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(image_mean=list(self.image_mean), image_std=list(self.image_std))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TimmInputSpec":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+TIMM_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
 @dataclass
@@ -114,8 +180,10 @@ class OnnxMetadata:
             raise OnnxExportError(f"threshold must lie in (0, 1), got {self.threshold}")
 
     @property
-    def input_spec(self) -> InputSpec | None:
-        return InputSpec.from_dict(self.input) if self.input else None
+    def input_spec(self) -> InputSpec | TimmInputSpec | None:
+        if not self.input:
+            return None
+        return (TimmInputSpec if self.input.get("kind") == "timm" else InputSpec).from_dict(self.input)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False, sort_keys=True) + "\n"

@@ -2,6 +2,7 @@
 
     InputSpec, OnnxMetadata   rainclf_onnx.json (``onnx/format.py``; the exporter writes it)
     pixel_values              RGB images → the GLM-4V image processor's flat patches, in numpy
+    timm_pixel_values         RGB images → timm's eval transform (resize, centre crop, mean/std), in numpy
     choose_providers          CUDA → CPU, or the providers the caller names
     OnnxClassifier            from_dir(path).predict(images_or_paths) → one dict per input:
                               path, label, p_rain, error (a bad file is an error entry, never a crash)
@@ -30,6 +31,7 @@ from rainclf.onnx.format import (
     InputSpec,
     OnnxExportError,
     OnnxMetadata,
+    TimmInputSpec,
     find_export_dir,
     read_metadata,
 )
@@ -54,6 +56,34 @@ def pixel_values(images: Sequence[Image.Image], spec: InputSpec) -> np.ndarray:
         x = (x - np.asarray(spec.image_mean, np.float32)[:, None, None]) / \
             np.asarray(spec.image_std, np.float32)[:, None, None]
     return patchify(x, spec)
+
+
+def timm_pixel_values(images: Sequence[Image.Image], spec: TimmInputSpec) -> np.ndarray:
+    """(B, 3, S, S) float32, equal to timm's eval transform (Resize(shorter side) → CenterCrop →
+    ToTensor → Normalize) on the same PIL images: the same PIL resize call, the same crop offsets,
+    the same float32 operations."""
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[spec.interpolation]
+    s, out = spec.image_size, []
+    for im in map(to_rgb, images):
+        w, h = im.size
+        # torchvision: the shorter side becomes `resize`, the longer int(resize * long / short)
+        size = (spec.resize, int(spec.resize * h / w)) if w <= h else (int(spec.resize * w / h), spec.resize)
+        if size != (w, h):
+            im = im.resize(size, resample)
+        w, h = im.size
+        top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+        out.append(np.asarray(im.crop((left, top, left + s, top + s)), dtype=np.uint8))
+    x = np.stack(out).astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255)   # (B, 3, S, S)
+    mean = np.asarray(spec.image_mean, np.float32)[:, None, None]
+    std = np.asarray(spec.image_std, np.float32)[:, None, None]
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def preprocess(images: Sequence[Image.Image], spec: InputSpec | TimmInputSpec) -> np.ndarray:
+    """The image graph's ``pixel_values`` for the spec the export recorded."""
+    if isinstance(spec, TimmInputSpec):
+        return timm_pixel_values(images, spec)
+    return pixel_values(images, spec)
 
 
 def patchify(x: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -161,7 +191,7 @@ class OnnxClassifier:
                                   "predict_embeddings")
         if not images:
             return np.zeros(0, dtype=np.float64)
-        px = pixel_values(images, self.metadata.input_spec)
+        px = preprocess(images, self.metadata.input_spec)
         return self.session("image").run(["p_rain"], {"pixel_values": px})[0].astype(np.float64)
 
     def predict(self, images_or_paths: Sequence, batch_size: int = 32) -> list[dict]:
