@@ -2,7 +2,8 @@
 
     GET  /healthz      200 {"status": "ok"} once loaded ("loading" while loading: the process is
                        alive); 503 {"status": "error"} if the model could not be loaded
-    GET  /readyz       200 {"status": "ok"} once loaded, else 503 (+ Retry-After while loading)
+    GET  /readyz       200 {"status": "ok"} once loaded, else 503 (+ Retry-After while loading;
+                       a --workers process loads before it accepts connections)
     GET  /metrics      Prometheus text (rainclf.serve.metrics)
     GET  /v1/model     {"model": {...}}
     POST /v1/predict   multipart/form-data parts named "file", or one image as the body
@@ -52,14 +53,20 @@ class ServeState:
         self.batcher: MicroBatcher | None = None
         self.decoders = anyio.CapacityLimiter(options.threads)
 
-    async def start(self) -> None:
+    async def start(self, background: bool) -> None:
+        """Start the batcher and load the model: in the background (one process: /readyz says 503
+        meanwhile), or before accepting connections (a --workers process: the others take the
+        connections until it is ready; a failed load fails its startup)."""
         m, o = self.metrics, self.options
         self.batcher = MicroBatcher(self.model.p_rain, o.max_batch, o.max_wait_ms / 1000, o.max_queue,
                                     on_batch=m.batch, on_depth=m.queue_depth.set)
         self.batcher.start()
-        self._loading = asyncio.get_running_loop().create_task(self._load())
+        if background:
+            self._loading = asyncio.get_running_loop().create_task(self._load(reraise=False))
+        else:
+            await self._load(reraise=True)
 
-    async def _load(self) -> None:
+    async def _load(self, reraise: bool) -> None:
         t = time.perf_counter()
         try:
             await anyio.to_thread.run_sync(self.model.load)
@@ -67,6 +74,8 @@ class ServeState:
             self.status, self.error = "error", f"the model could not be loaded: {' '.join(str(e).split())}"
             log.error("rainclf serve: %s", self.error)
             self.on_fatal(self.error)
+            if reraise:
+                raise
             return
         self.status = "ok"
         self.metrics.ready.set(1)
@@ -133,9 +142,9 @@ def _error(status: int, message: str, retry_after: int | None = None) -> JSONRes
 
 
 def create_app(options: ServeOptions, model: ServedModel | None = None,
-               on_fatal: Callable[[str], None] = lambda message: None) -> Starlette:
+               on_fatal: Callable[[str], None] = lambda message: None, load_in_background: bool = True) -> Starlette:
     """The app for ``options``; ``model`` defaults to ``ServedModel(options.model)``, whose export
-    is checked here (ServeError) and whose session is opened after startup, in the background."""
+    is checked here (ServeError) and whose session is opened at startup (see ServeState.start)."""
     model = model or ServedModel(options.model, options.max_image_pixels)
     state = ServeState(options, model, on_fatal)
     metrics = state.metrics
@@ -185,7 +194,8 @@ def create_app(options: ServeOptions, model: ServedModel | None = None,
             return _error(503, str(e), 1)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        metrics.errors.labels("not_found" if exc.status_code == 404 else "bad_request").inc()
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        metrics.errors.labels(kind).inc()
         metrics.request("other", exc.status_code, 0.0)
         message = {404: f"no route {request.url.path}: use POST /v1/predict, GET /healthz, /readyz, /metrics",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
@@ -198,7 +208,7 @@ def create_app(options: ServeOptions, model: ServedModel | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await state.start()
+        await state.start(load_in_background)
         try:
             yield
         finally:
@@ -215,4 +225,4 @@ def create_app(options: ServeOptions, model: ServedModel | None = None,
 
 def app_from_env() -> Starlette:
     """uvicorn's factory for ``--workers N``: each worker reads its options from the environment."""
-    return create_app(ServeOptions.from_env())
+    return create_app(ServeOptions.from_env(), load_in_background=False)

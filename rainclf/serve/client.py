@@ -4,6 +4,7 @@
     Client(url).predict(paths_or_pairs)           → the decoded JSON answer (raises ServeHTTPError
                                                     with the server's {"error"} on 4xx / 5xx)
     Client(url).get(path)                         → (status, headers, body bytes)
+    ServerProcess(argv).start()                   → ``rainclf serve`` in a child process, once ready
 
 One ``Client`` keeps one keep-alive connection; use one per thread.
 """
@@ -13,6 +14,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
+import signal
+import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -89,3 +95,67 @@ class Client:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class ServerProcess:
+    """``rainclf serve`` in a child process on a free port, for scripts and tests:
+
+        with ServerProcess([sys.executable, "-m", "rainclf.cli", "serve", MODEL_DIR]) as server:
+            Client(server.url).predict([...])
+
+    ``--port 0`` is appended (the kernel picks a free port; uvicorn logs it); ``start`` returns
+    once /readyz answers 200. ``stop()`` sends SIGTERM and returns the exit status; ``log`` holds
+    the child's stderr lines."""
+
+    _RUNNING = re.compile(r"Uvicorn running on http://([^:\s]+):(\d+)")
+
+    def __init__(self, argv: list[str], env: dict | None = None, cwd: str | None = None):
+        self.argv, self.env, self.cwd = list(argv) + ["--port", "0"], env, cwd
+        self.proc: subprocess.Popen | None = None
+        self.log: list[str] = []
+        self.url = ""
+
+    def start(self, timeout: float = 120.0) -> "ServerProcess":
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env=self.env, cwd=self.cwd)
+        found = threading.Event()
+
+        def drain():     # read stderr to the end: a full pipe would block the server
+            for line in self.proc.stderr:
+                self.log.append(line.rstrip("\n"))
+                m = self._RUNNING.search(line)
+                if m and not self.url:
+                    self.url = f"http://{m.group(1)}:{m.group(2)}"
+                    found.set()
+            found.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        found.wait(timeout)
+        while self.url and time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if Client(self.url, timeout=5).get("/readyz")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"rainclf serve did not become ready: {' | '.join(self.log[-5:])}")
+
+    def stop(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,6 +1,7 @@
 """``ServeOptions``: every setting of ``rainclf serve`` in one dataclass, with its help text and
-checks (``click_options`` turns them into the command's options), and a JSON round trip (``--workers N`` hands the options to spawned worker processes
-through the environment: uvicorn starts each worker from an import string, not from an object).
+checks (``click_options`` turns them into the command's options), and a JSON round trip
+(``--workers N`` hands the options to spawned worker processes through the environment: uvicorn
+starts each worker from an import string, not from an object).
 """
 
 from __future__ import annotations

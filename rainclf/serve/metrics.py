@@ -3,12 +3,13 @@
     rainclf_requests_total{route,status}   answered requests (route: predict, model, healthz, readyz, metrics, other)
     rainclf_images_total{outcome}          uploaded images: predicted | error
     rainclf_errors_total{kind}             bad_image, no_images, too_large, content_type, bad_multipart,
-                                           bad_request, queue_full, loading, shutting_down, not_found, internal
+                                           bad_request, queue_full, loading, shutting_down, not_found,
+                                           method_not_allowed, internal
     rainclf_request_seconds{route}         latency histogram, from the first byte read to the answer
     rainclf_batch_size                     images per onnxruntime call (the micro-batches)
     rainclf_inference_seconds              seconds per onnxruntime call
     rainclf_queue_depth                    images admitted and not yet answered
-    rainclf_ready                          1 once the model is loaded
+    rainclf_ready                          1 once the model is loaded (--workers N: how many are)
 
 With ``--workers N`` every worker writes its numbers to $PROMETHEUS_MULTIPROC_DIR (``rainclf
 serve`` sets it) and any worker answers /metrics for all of them, summed.
@@ -23,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 ROUTES = frozenset({"predict", "model", "healthz", "readyz", "metrics"})
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .075, .1, .25, .5, .75, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ERROR_KINDS = ("bad_image", "no_images", "too_large", "content_type", "bad_multipart", "bad_request",
+               "queue_full", "loading", "shutting_down", "not_found", "method_not_allowed", "internal")
 
 
 def multiprocess_dir() -> str | None:
@@ -48,7 +51,12 @@ class Metrics:
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("rainclf_queue_depth", "Images admitted and not yet answered.",
                                  registry=r, multiprocess_mode="livesum")
-        self.ready = Gauge("rainclf_ready", "1 once the model is loaded.", registry=r, multiprocess_mode="livemin")
+        self.ready = Gauge("rainclf_ready", "1 once the model is loaded (summed over --workers).", registry=r,
+                           multiprocess_mode="livesum")
+        for kind in ERROR_KINDS:       # every series exists from the start: rate() needs a first 0
+            self.errors.labels(kind)
+        for outcome in ("predicted", "error"):
+            self.images.labels(outcome)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         route = route if route in ROUTES else "other"
