@@ -336,11 +336,19 @@ def embed(data, out_file, backbone, feature, layer, prompt, image_size, weights,
 @click.option("--include-backbone", is_flag=True,
               help="Also export image → label (GLM-4V vision tower [+ prompt prefill] + head) at the model's image size.")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(min=14), help="ONNX opset.")
-def export_cmd(model_dir, out_dir, include_backbone, opset):
+@click.option("--triton", "triton_dir", type=click.Path(file_okay=False),
+              help="Also write a Triton Inference Server model repository here (DIR/NAME/1/model.onnx + "
+                   "config.pbtxt, onnxruntime backend); needs --include-backbone. See docs/serving.md.")
+@click.option("--triton-name", default="rainclf", show_default=True, help="Model name in the Triton repository.")
+@click.option("--triton-max-batch", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Triton max_batch_size (images per dynamic batch).")
+def export_cmd(model_dir, out_dir, include_backbone, opset, triton_dir, triton_name, triton_max_batch):
     """Export MODEL_DIR's head (and with --include-backbone the whole image → label path) to ONNX,
     for `rainclf predict --engine onnx` and the torch-free rainclf.onnx.runtime."""
     from rainclf.onnx.export import export_onnx
 
+    if triton_dir and not include_backbone:
+        _fail("--triton needs the image graph (Triton receives pixel tensors): add --include-backbone")
     info = export_onnx(model_dir, out_dir, include_backbone=include_backbone, opset=opset)
     for name, graph in info["graphs"].items():
         parity = info["parity"].get(name, {}).get("max_abs_dp")
@@ -349,6 +357,39 @@ def export_cmd(model_dir, out_dir, include_backbone, opset):
                    + (f", max |Δp_rain| vs torch {parity:.1e}" if parity is not None else ""))
     for name, reason in info["not_exported"].items():
         click.echo(f"rainclf: warning: {name} graph not exported: {reason}", err=True)
+    if triton_dir:
+        from rainclf.onnx.triton import write_triton_repository
+
+        if "image" not in info["graphs"]:
+            _fail(f"--triton: no image graph to serve ({info['not_exported'].get('image', 'not exported')})")
+        triton = write_triton_repository(info["out_dir"], triton_dir, triton_name, triton_max_batch)
+        click.echo(f"wrote {triton['model_dir']}: Triton model ({', '.join(triton['files'])})")
+
+
+def _serve_options(f):
+    from rainclf.serve.config import click_options
+
+    return click_options(f)
+
+
+@main.command("serve")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@_serve_options
+def serve_cmd(model_dir, **options):
+    """Serve MODEL_DIR's ONNX export (image → label, from `rainclf export --include-backbone`) over
+    HTTP: POST /v1/predict, GET /healthz /readyz /metrics. torch is never imported.
+
+    Stops gracefully on SIGTERM or Ctrl-C (requests in flight are answered). See docs/serving.md.
+    """
+    # not through _Group's error types: they import torch, which a serving host may not have
+    from rainclf.serve import ServeOptions, serve
+
+    try:
+        code = serve(ServeOptions(model=model_dir, **options))
+    except (ValueError, ImportError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if code:
+        _fail("the server stopped: the model could not be loaded (see the log above)", EXIT_NOTHING)
 
 
 @main.command("evaluate")

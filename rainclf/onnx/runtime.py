@@ -181,7 +181,7 @@ class OnnxClassifier:
 
     def predict_embeddings(self, embeddings) -> list[dict]:
         """One ``{"label", "p_rain"}`` per row of an (N, dim) array."""
-        return [{"label": self._label(p), "p_rain": float(p)} for p in self.p_rain_from_embeddings(embeddings)]
+        return [{"label": self.label(p), "p_rain": float(p)} for p in self.p_rain_from_embeddings(embeddings)]
 
     # ------------------------------------------------------------------ images → p_rain
     def p_rain_from_images(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -191,7 +191,12 @@ class OnnxClassifier:
                                   "predict_embeddings")
         if not images:
             return np.zeros(0, dtype=np.float64)
-        px = preprocess(images, self.metadata.input_spec)
+        return self.p_rain_from_pixels(preprocess(images, self.metadata.input_spec))
+
+    def p_rain_from_pixels(self, px: np.ndarray) -> np.ndarray:
+        """(B · patches_per_image, patch_dim) float32 from :func:`pixel_values` → (B,) p_rain.
+        The rows of several images may be computed apart and concatenated (``rainclf serve``
+        does, one image per request): no step of :func:`pixel_values` mixes images."""
         return self.session("image").run(["p_rain"], {"pixel_values": px})[0].astype(np.float64)
 
     def predict(self, images_or_paths: Sequence, batch_size: int = 32) -> list[dict]:
@@ -206,7 +211,7 @@ class OnnxClassifier:
             good = [r for r in chunk if r["error"] is None]
             if good:
                 for r, p in zip(good, self.p_rain_from_images([r.pop("_image") for r in good])):
-                    r.update(label=self._label(p), p_rain=float(p))
+                    r.update(label=self.label(p), p_rain=float(p))
             results.extend(chunk)
         return results
 
@@ -233,5 +238,6 @@ class OnnxClassifier:
             row["error"] = str(e)
         return row
 
-    def _label(self, p: float) -> str:
+    def label(self, p: float) -> str:
+        """会下雨 when ``p`` (p_rain) reaches the export's threshold, else 不会下雨."""
         return LABELS[1] if p >= self.threshold else LABELS[0]
