@@ -375,13 +375,19 @@ def export_cmd(model_dir, out_dir, include_backbone, opset):
 @click.option("--timing", type=click.Choice(["single", "batch"]), default="single", show_default=True,
               help="single: each image alone (latency of one request); batch: --batch-size images per call.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Untimed calls on the first image before timing (model load, caches).")
+              help="Untimed calls per model at every call size before timing (model load, caches).")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Timed passes over the images per model (predictions come from the first).")
+@click.option("--one-model-at-a-time", is_flag=True,
+              help="Load, warm and time each model alone instead of all together, interleaved (less memory).")
+@click.option("--lenient", is_flag=True,
+              help="Generated answers with a label inside other text count with that label (default: exact answers only).")
 @click.option("--no-plots", is_flag=True, help="Reports without plots (no matplotlib needed).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @_apply(common_run)
 def evaluate_cmd(data, model_dirs, out_dir, fallback, band, fallback_decoding, decodings, temperature, top_p,
-                 seed, max_new_tokens, timing, warmup, no_plots, overwrite, device, batch_size, cache_dir,
-                 no_cache, quiet):
+                 seed, max_new_tokens, timing, warmup, repeats, one_model_at_a_time, lenient, no_plots, overwrite,
+                 device, batch_size, cache_dir, no_cache, quiet):
     """Run every --model (and each head + --fallback) on the labelled images of DATA; write
     metrics.json, predictions/<model>.csv, report.md and one self-contained report.html.
 
@@ -397,7 +403,8 @@ def evaluate_cmd(data, model_dirs, out_dir, fallback, band, fallback_decoding, d
                       temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
     metrics = evaluate(data, list(model_dirs), out_dir, opts, fallback=fallback, band=parse_band(band),
                        decodings=list(decodings) or None, fallback_decoding=fallback_decoding, timing=timing,
-                       warmup=warmup, overwrite=overwrite, plots=not no_plots)
+                       warmup=warmup, overwrite=overwrite, plots=not no_plots, lenient=lenient, repeats=repeats,
+                       interleave=not one_model_at_a_time)
     for name, m in metrics["models"].items():
         acc, ips = m.get("accuracy"), m.get("images_per_s")
         click.echo(f"{name}: accuracy {acc:.4f}, balanced {m['balanced_accuracy']:.4f}, "

@@ -56,6 +56,7 @@ def test_predict_jsonl_output_file(runner, trained, tmp_path):
     assert r.exit_code == 0 and r.stdout == ""
     rows = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 16 and all(0 <= row["p_rain"] <= 1 for row in rows)
+    assert all((row["label"] == LABELS[1]) == (row["p_rain"] >= 0.5) for row in rows)   # default threshold
 
 
 def test_empty_folder_is_one_line_exit_2(runner, trained, tmp_path):

@@ -10,9 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
 from click.testing import CliRunner  # noqa: E402
 
 from rainclf.cli import main  # noqa: E402
@@ -72,7 +69,6 @@ def answer_dir(tmp_path_factory, tiny_backbone):
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
-    pytest.importorskip("peft")
     from rainclf.fit import FitOptions, fit
 
     d = tmp_path_factory.mktemp("lora") / "model"

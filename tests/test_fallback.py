@@ -107,7 +107,6 @@ def test_bad_band_is_refused():
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """A LoRA head and a generative directory, a few steps each (what they learned is not the point)."""
-    pytest.importorskip("peft")
     import torch
 
     from rainclf.fit import FitOptions, fit

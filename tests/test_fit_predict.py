@@ -40,8 +40,14 @@ def test_model_directory_contents(model_dir):
     assert len(cfg.backbone["fingerprint"]) == 64 and cfg.labels == list(LABELS)
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["n_train"] == 16 and metrics["n_val"] == 4
-    for key in ("accuracy", "balanced_accuracy", "f1", "roc_auc"):
-        assert 0.0 <= metrics["validation"][key] <= 1.0
+    # the validation figures are those of its own confusion matrix (4 images: 2 per label)
+    val = metrics["validation"]
+    (tn, fp), (fn, tp) = val["confusion_matrix"]["matrix"]
+    assert tn + fp + fn + tp == val["n"] == 4
+    assert val["accuracy"] == pytest.approx((tn + tp) / 4)
+    assert val["balanced_accuracy"] == pytest.approx((tn / (tn + fp) + tp / (tp + fn)) / 2)
+    assert val["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    assert (val["roc_auc"] * 8) == pytest.approx(round(val["roc_auc"] * 8))  # 2 × 2 pairs, ties count ½
     assert "RANDOM" in (model_dir / "README.md").read_text()
 
 
@@ -96,7 +102,8 @@ def test_real_photos_only_two_labels(model_dir, weather_photos, tmp_path):
     photos = weather_photos[:40]
     run = predict(photos, model_dir, RunOptions(device="cpu", progress=False), output=tmp_path / "p.csv")
     assert len(run.rows) == 40 and {r.label for r in run.rows} <= set(LABELS)
-    assert all(0.0 <= r.p_rain <= 1.0 for r in run.rows)
+    threshold = read_config(model_dir).threshold
+    assert all(0.0 <= r.p_rain <= 1.0 and (r.label == LABELS[1]) == (r.p_rain >= threshold) for r in run.rows)
 
 
 def test_fit_on_shared_jsonl(weather_dir, tmp_path):

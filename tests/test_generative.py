@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("peft")
-
 from click.testing import CliRunner  # noqa: E402
 
 from rainclf.backbones.base import DEFAULT_PROMPT, BackboneOptions  # noqa: E402
@@ -186,6 +184,7 @@ def test_constrained_always_returns_a_label(seed, train_images):
     for a in clf.answer(images[::4]):
         assert a["label"] in LABELS and a["format_valid"] is True and a["raw"] == a["label"]
         assert 0.0 <= a["p_rain"] <= 1.0 and np.isfinite(a["p_rain"])
+        assert (a["label"] == RAIN) == (a["p_rain"] >= 0.5)              # the label follows the score
 
 
 def test_constrained_answers_even_when_greedy_says_nothing(train_images):
@@ -280,11 +279,25 @@ def test_fp16_refused_by_library(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_fp16_forced_trains(red_blue, tmp_path):
+def test_fp16_forced_trains(red_blue, tmp_path, train_images):
+    """--force-fp16 really trains in fp16: finite steps, LoRA B (zero at start) moved away from
+    zero in the saved adapter, and the saved model scores images differently from the base."""
+    from safetensors.numpy import load_file
+
     result = fit(red_blue, tmp_path / "out", gen_options(
-        val_split=0.0, head_params={"precision": "fp16", "force_fp16": True, "steps": 1}))
+        val_split=0.0, head_params={"precision": "fp16", "force_fp16": True, "steps": 2}))
     assert result.metrics["precision"] == "fp16"
-    assert (tmp_path / "out" / "adapter").is_dir()
+    assert result.metrics["nonfinite_steps"] == 0 and result.metrics["steps_done"] == 2
+    weights = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    assert lora_b and all(np.isfinite(w).all() for w in lora_b)
+    assert max(float(np.abs(w).max()) for w in lora_b) > 1e-4            # the steps changed the adapter
+    _, images, _ = train_images
+    opts = RunOptions(device="cpu", progress=False, decoding="constrained")
+    trained = load_classifier(tmp_path / "out", opts).model.constrained_p_rain(images[:4])
+    backbone = private_backbone("glm4v-tiny", BackboneOptions(device="cpu"))
+    base = build_generative(backbone, LoraParams(), DEFAULT_PROMPT).constrained_p_rain(images[:4])  # B = 0
+    assert np.isfinite(trained).all() and np.abs(trained - base).max() > 1e-4
 
 
 @pytest.mark.parametrize("head", ["generative", "lora"])

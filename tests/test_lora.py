@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("peft")
-
 from rainclf.backbones.base import DEFAULT_PROMPT, BackboneOptions  # noqa: E402
 from rainclf.config import RunOptions
 from rainclf.fit import FitOptions, fit  # noqa: E402

@@ -507,10 +507,6 @@ def test_newer_format_version(model_dir, dataset, tmp_path):
 @pytest.fixture(scope="module")
 def exported(model_dir, answer_model, tmp_path_factory):
     """Copies of both model directories, each with its ONNX export (head graph) in MODEL_DIR/onnx."""
-    if "export" not in main.commands:
-        pytest.skip("`rainclf export` does not exist in this checkout")
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
     root = tmp_path_factory.mktemp("rel-onnx")
     out = {}
     for name, src in (("vision", model_dir), ("answer", answer_model)):

@@ -26,6 +26,7 @@ from rainclf.report.render import (
     section_tables,
     write_reports,
 )
+from rainclf.report.scoring import GUARANTEED, MEASURED
 
 
 def _model(seed: int, generative: bool = False) -> dict:
@@ -38,13 +39,14 @@ def _model(seed: int, generative: bool = False) -> dict:
         pred = [t if i % 4 else None for i, t in enumerate(y)]
         m.update(classification_metrics(y, None, pred))
         m.update({"n_scored": 0, "roc_auc": None, "ece": None, "brier": None, "curves": {"roc": None, "reliability": None},
-                  "format_valid_rate": 0.75, "contains_label_rate": 0.9, "mixed_language_rate": 0.1,
+                  "format_valid_rate": 0.75, "extractable_rate": 0.1, "invalid_rate": 0.15,
+                  "n_answers": 20, "n_exact": 15, "n_extractable": 2, "n_invalid_answers": 3,
+                  "contains_label_rate": 0.9, "mixed_language_rate": 0.1, "answer_format": MEASURED,
                   "think_leak_rate": 0.0, "mean_length": 12.5, "quality_of": "generated text"})
     else:
         m.update(classification_metrics(y, p, None))
         y01 = np.array([t == RAIN for t in y], dtype=float)
-        m.update({"n_scored": 20, "format_valid_rate": 1.0, "contains_label_rate": 1.0, "mixed_language_rate": 0.0,
-                  "think_leak_rate": 0.0, "mean_length": 3.5, "quality_of": "emitted label",
+        m.update({"n_scored": 20, "format_valid_rate": None, "answer_format": GUARANTEED, "quality_of": "emitted label",
                   "curves": {"reliability": reliability_bins(y01, p), "roc": {"fpr": [0, 0.1, 1], "tpr": [0, 0.9, 1]}}})
     lat = latency_summary(rng.uniform(0.01, 0.02 if not generative else 0.5, 20))
     lat.pop("n")
@@ -109,7 +111,30 @@ def test_summary_names_best_and_fastest_and_generative_validity(metrics):
     md = markdown_report(metrics)
     assert "Highest balanced accuracy: head_a" in md
     assert "Fastest per image: head_a" in md
-    assert "gen-greedy: 0.7500 of answers were exactly a label" in md
+    # counts in words, and the rule that decides what counts (issue 16: "0.7500 of answers" read badly)
+    assert ("gen-greedy: of 20 answers, 15 were exactly a label, 2 had a label inside other text (counted "
+            "wrong unless --lenient) and 3 had no label (counted wrong).") in md
+    metrics["lenient"] = True
+    assert "(counted, --lenient)" in markdown_report(metrics)
+
+
+def test_guaranteed_format_is_shown_as_such_not_as_a_measured_rate(metrics):
+    tables = {r[0]: r[1:] for _, _, rows in section_tables(metrics) for r in rows}
+    assert tables["answer format"] == [GUARANTEED, MEASURED]
+    assert tables["measured on"] == ["emitted label", "generated text"]
+    assert tables["exactly a label (format-valid)"] == [MISSING, "0.7500"]
+    assert "1.0000" not in markdown_report(metrics).split("## Output quality")[1].split("##")[0]
+
+
+def test_report_states_its_rules(metrics):
+    from rainclf.report.scoring import rule_lines
+
+    metrics["rules"] = rule_lines(False)
+    md = markdown_report(metrics)
+    assert "accuracy counts exact answers only" in md
+    assert "10 equal-width bins over p_rain (not top-label confidence)" in md
+    assert "a head's p_rain (also for head + fallback" in md
+    assert "ECE (10 bins over p_rain)" in md
 
 
 def test_text_is_escaped_in_html(metrics):

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("onnxruntime")
-
 from rainclf.onnx.format import (
     FORMAT_VERSION,
     InputSpec,
@@ -30,7 +28,6 @@ SAMPLE_RAIN = REPO / "data" / "sample" / "train" / "会下雨"
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_backbone):
-    pytest.importorskip("onnx")
     from test_export import make_linear_model_dir
 
     from rainclf.onnx.export import export_onnx

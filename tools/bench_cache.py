@@ -1,6 +1,6 @@
 """Benchmark: re-predict of N images, cold (empty cache) vs cached, each in a fresh process.
 
-    python tools/bench_cache.py [--n 100] [--model MODEL_DIR]
+    python tools/bench_cache.py [--n 100] [--model MODEL_DIR] [--json FILE]
 
 A cold run loads the model and embeds every image; a cached run only reads and hashes the files,
 reads one checksummed entry per image and never loads the model. Both wall-clock figures include
@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_json import add_json_argument, write_json  # noqa: E402
 
 RUN = r"""
 import json, sys, time
@@ -37,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--model", type=Path, default=None, help="model directory (default: fit one on data/sample)")
+    add_json_argument(ap)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -66,6 +69,10 @@ def main() -> None:
         print(f"  cached: predict() {w['predict_s']:.3f} s, process wall {w['wall_s']:.2f} s")
         print(f"  speed-up predict(): {c['predict_s'] / w['predict_s']:.1f}x (target >= 50x); "
               f"whole process: {c['wall_s'] / w['wall_s']:.1f}x (imports {w['import_s']:.2f} s in both)")
+        results["speedup_predict"] = c["predict_s"] / w["predict_s"]
+        results["speedup_process"] = c["wall_s"] / w["wall_s"]
+        write_json(args.json, "bench_cache.py", {"n": args.n, "model": str(args.model or "fitted on data/sample"),
+                                                 "repeats": 1, "device": "cpu"}, results)
 
 
 if __name__ == "__main__":

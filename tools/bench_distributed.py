@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_json import add_json_argument, write_json  # noqa: E402
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -101,6 +103,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="glm4v-tiny")
     ap.add_argument("--repeat", type=int, default=3, help="extraction: best of this many passes per rank")
     ap.add_argument("--worker", nargs=2, metavar=("FOLDER", "OUT"), help=argparse.SUPPRESS)
+    add_json_argument(ap)
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker, args.backbone, args.batch_size, args.repeat)
@@ -118,6 +121,7 @@ def main() -> None:
         cases = [("1 process, 1 thread", None, 1), ("2 processes × 1 thread (torchrun)", 2, 1),
                  ("1 process, default threads", None, None)]
         base = None
+        results: dict = {"extraction": [], "end_to_end": []}
         for label, nproc, threads in cases:
             out = tmp / f"x-{nproc}-{threads}"
             out.mkdir()
@@ -130,6 +134,8 @@ def main() -> None:
             per = ", ".join(f"rank {r['rank']}: {r['n']} img in {r['seconds']:.2f} s ({r['threads']} thr)"
                             for r in ranks)
             print(f"  {label:36s} {ips:7.1f} img/s  ({ips / base:.2f}×)   [{per}]")
+            results["extraction"].append({"case": label, "processes": nproc or 1, "threads": threads,
+                                          "images_per_s": ips, "ranks": ranks})
 
         print("\nend to end (`rainclf embed DIR -o FILE --no-cache -q`, start-up and model load included):")
         files = []
@@ -142,12 +148,18 @@ def main() -> None:
             subprocess.run(cmd, cwd=REPO, env=_env(threads), check=True, capture_output=True)
             s = time.perf_counter() - t
             print(f"  {label:36s} {s:7.2f} s wall, {args.n / s:6.1f} img/s")
+            results["end_to_end"].append({"case": label, "processes": nproc or 1, "threads": threads,
+                                          "wall_s": s, "images_per_s": args.n / s})
         import numpy as np
         from safetensors.numpy import load_file
 
         ref, *others = (load_file(str(f))["embeddings"] for f in files)
         diff = max(float(np.abs(ref - o).max()) for o in others)
         print(f"  same embeddings in all three files: shape {ref.shape}, max |diff| {diff:.2e}")
+        results["max_abs_diff_between_runs"] = diff
+        write_json(args.json, "bench_distributed.py", {"n": args.n, "batch_size": args.batch_size,
+                                                       "backbone": args.backbone, "repeats": args.repeat,
+                                                       "image_source": source}, results)
         print(f"\nnote: {os.cpu_count()} CPU cores shared by both processes — little gain is expected here, "
               "and end to end start-up and model loading dominate; on GPUs each rank gets its own card "
               "(cuda:LOCAL_RANK) and extraction scales with their number. A loaded machine (other jobs) makes "

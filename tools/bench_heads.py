@@ -1,6 +1,6 @@
 """Benchmark: training speed of each head.
 
-    python tools/bench_heads.py [--steps 20] [--batch-size 4] [--threads 1]
+    python tools/bench_heads.py [--steps 20] [--batch-size 4] [--threads 1] [--json FILE]
     python tools/bench_heads.py --full-size-random --device cuda [--batch-sizes 1,4] [--steps 5]
 
 Default (CPU, glm4v-tiny, RANDOM weights, 112 px): linear head fit time (answer-feature embedding
@@ -32,6 +32,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_json import add_json_argument, write_json  # noqa: E402
 
 PROMPT = "根据图片判断：会下雨还是不会下雨？"
 
@@ -64,7 +66,7 @@ def timed_steps(params, named, n_train, loss_fn, modules, device, dtype, steps: 
 
 # --------------------------------------------------------------------------- CPU, glm4v-tiny
 
-def bench_tiny(args) -> None:
+def bench_tiny(args) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -92,6 +94,7 @@ def bench_tiny(args) -> None:
     t_fit = time.perf_counter() - t
     print(f"  linear head     fit {t_fit:.3f} s on {len(images)} embeddings (+ {t_embed:.2f} s embedding, "
           f"{len(images) / t_embed:.0f} img/s); LogisticRegressionCV, no optimizer steps")
+    results = {"linear": {"fit_s": t_fit, "embed_s": t_embed, "embed_images_per_s": len(images) / t_embed}}
 
     params = LoraParams(lr=1e-3, train_batch_size=bs)
     head = build_lora_head(private_backbone("glm4v-tiny", BackboneOptions(device="cpu")), params, -1, PROMPT)
@@ -101,8 +104,9 @@ def bench_tiny(args) -> None:
                       head.modules, "cpu", None, args.steps)
     t = time.perf_counter()
     head.p_rain(images, bs)
-    print(f"  LoRA head       {sps:6.2f} steps/s ({sps * bs:.0f} img/s training); "
-          f"predict {len(images) / (time.perf_counter() - t):.0f} img/s")
+    predict_ips = len(images) / (time.perf_counter() - t)
+    print(f"  LoRA head       {sps:6.2f} steps/s ({sps * bs:.0f} img/s training); predict {predict_ips:.0f} img/s")
+    results["lora"] = {"steps_per_s": sps, "predict_images_per_s": predict_ips}
 
     gen = build_generative(private_backbone("glm4v-tiny", BackboneOptions(device="cpu")), params, PROMPT)
     answers = [LABELS[v] for v in labels]
@@ -119,6 +123,9 @@ def bench_tiny(args) -> None:
     constrained = len(images) / (time.perf_counter() - t)
     print(f"  generative      {sps:6.2f} steps/s ({sps * bs:.0f} img/s training); predict greedy "
           f"(16 new tokens max) {greedy:.0f} img/s, constrained {constrained:.0f} img/s")
+    results["generative"] = {"steps_per_s": sps, "greedy_16_tokens_images_per_s": greedy,
+                             "constrained_images_per_s": constrained}
+    return results
 
 
 # --------------------------------------------------------------------------- full size, random
@@ -142,7 +149,7 @@ def full_size_config(smoke: bool):
     return config
 
 
-def bench_full_size(args) -> None:
+def bench_full_size(args) -> dict:
     import shutil
 
     import torch
@@ -182,6 +189,8 @@ def bench_full_size(args) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     params = LoraParams(lr=1e-4)
     amp = amp_dtype(params.precision, device)
+    results: dict = {"model": "smoke-size" if args.smoke else "GLM-4.1V-9B-size", "params": n_params,
+                     "dtype": str(dtype), "device": device, "steps": []}
     for what in ("lora", "generative"):
         if what == "lora":
             head = build_lora_head(backbone, params, -1, PROMPT)
@@ -206,11 +215,16 @@ def bench_full_size(args) -> None:
             sps = timed_steps(replace(params, train_batch_size=bs), named, len(images), loss_fn, modules,
                               device, amp, args.steps)
             if cuda:
-                peak = f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+                peak_gib = torch.cuda.max_memory_allocated() / 2**30
+                peak = f"peak GPU memory {peak_gib:.1f} GiB"
             else:
-                peak = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+                peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                peak = f"peak RSS {peak_gib:.1f} GiB"
             print(f"  {what:10s} batch {bs}: {1 / sps:7.3f} s/step ({sps:.2f} steps/s), {peak}")
+            results["steps"].append({"head": what, "batch": bs, "steps_per_s": sps, "peak_gib": peak_gib,
+                                     "peak_kind": "cuda max_memory_allocated" if cuda else "process ru_maxrss"})
         peft_model.unload()   # take the adapters out again: the next head starts from the bare model
+    return results
 
 
 def main() -> None:
@@ -224,6 +238,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="with --full-size-random: a shrunken text model")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-sizes", default="1,4")
+    add_json_argument(ap)
     args = ap.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -232,10 +247,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"cores: {os.cpu_count()}, torch {torch.__version__}")
-    if args.full_size_random:
-        bench_full_size(args)
-    else:
-        bench_tiny(args)
+    results = bench_full_size(args) if args.full_size_random else bench_tiny(args)
+    write_json(args.json, "bench_heads.py", {"steps": args.steps, "images": args.images,
+                                             "batch_sizes": args.batch_sizes if args.full_size_random
+                                             else [args.batch_size], "full_size_random": args.full_size_random,
+                                             "smoke": args.smoke, "repeats": args.steps}, results)
 
 
 if __name__ == "__main__":

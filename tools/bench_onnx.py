@@ -1,7 +1,8 @@
 """Benchmark: torch vs onnxruntime for an exported classifier, head-only and image → label.
 
     python tools/bench_onnx.py [--features vision,answer] [--batch-sizes 1,32] [--calls 30]
-    python tools/bench_onnx.py --gpu      # one CUDA GPU: torch bf16 vs onnxruntime CUDA (fp32 graph)
+    python tools/bench_onnx.py --gpu      # one CUDA GPU: torch bf16 and fp32 vs onnxruntime CUDA (fp32 graph)
+    python tools/bench_onnx.py --json results.json
 
 For each feature a linear head is fitted on data/sample with glm4v-tiny (random weights) and
 exported with ``--include-backbone`` into a temporary folder; the photos are real ones from
@@ -14,8 +15,11 @@ exported with ``--include-backbone`` into a temporary folder; the photos are rea
                     float64); onnxruntime: the head graph.
 
 Latency is per call of ``batch`` images (p50, p95 over ``--calls`` after ``--warmup``); img/s =
-batch / mean call time. Ratio = torch p50 / onnxruntime p50 (> 1: onnxruntime is faster).
-Thread counts are each library's default and are printed. Prints numbers, asserts nothing.
+batch / mean call time. Ratio = torch p50 / onnxruntime p50 (> 1: onnxruntime is faster), always
+between rows of the same precision: the exported graphs are fp32, so with ``--gpu`` torch runs the
+image path twice — in bf16 (what ``--engine torch`` runs on CUDA) and cast to fp32, the row the
+ratio uses — and every row prints its precision. Thread counts are each library's default and
+are printed. Prints numbers (and ``--json FILE``), asserts nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench_json import add_json_argument, write_json  # noqa: E402
+
 WEATHER = REPO.parent / "shared" / "weather" / "images"
 SAMPLE = REPO / "data" / "sample"
 
@@ -95,11 +101,20 @@ def bench_feature(feature: str, args, photos, workdir: Path, rows: list, notes: 
         notes.append(f"{feature}: onnxruntime {providers[0]} unavailable ({e}); onnxruntime rows skipped")
         onnx = None
     sync = torch.cuda.synchronize if args.gpu else (lambda: None)
-    torch_name = f"torch {'cuda bf16' if args.gpu else 'cpu fp32'}"
-    ort_name = f"onnxruntime {'cuda' if args.gpu else 'cpu'} fp32"
+    torch_dtype = str(backbone.load()[0].dtype).replace("torch.", "").replace("bfloat16", "bf16").replace(
+        "float32", "fp32")
+    torch_name = f"torch {'cuda' if args.gpu else 'cpu'}"
+    ort_name = f"onnxruntime {'cuda' if args.gpu else 'cpu'}"
 
-    def torch_image(ims):
-        return head.predict_proba(backbone.embed(ims, feature, config.layer, config.prompt or ""))[:, 1]
+    def image_fn(bb):
+        return lambda ims: head.predict_proba(bb.embed(ims, feature, config.layer, config.prompt or ""))[:, 1]
+
+    torch_image = image_fn(backbone)
+    fp32_image = None
+    if torch_dtype != "fp32":   # like with like: the same model in fp32, beside what --engine torch runs
+        backbone32 = backbone_for(config, model_dir, RunOptions(device=device, progress=False, cache_dir=None))
+        backbone32.load()[0].float()
+        fp32_image = image_fn(backbone32)
 
     embeddings = backbone.embed(photos, feature, config.layer, config.prompt or "").astype(np.float32)
     if "image" not in info["graphs"]:
@@ -107,29 +122,42 @@ def bench_feature(feature: str, args, photos, workdir: Path, rows: list, notes: 
     elif onnx is not None:
         notes.append(f"{feature}: {onnx.describe('image')}, {onnx.describe('head')}")
     for batch in args.batch_sizes:
-        cases = [("image → label", torch_name, torch_image, photos, sync)]
+        cases = [("image → label", torch_name, torch_dtype, torch_image, photos, sync)]
+        if fp32_image is not None:
+            cases.append(("image → label", torch_name, "fp32", fp32_image, photos, sync))
         if onnx is not None and "image" in info["graphs"]:
-            cases.append(("image → label", ort_name, onnx.p_rain_from_images, photos, lambda: None))
-        cases.append(("head only", "torch engine (numpy head)", lambda x: head.predict_proba(x)[:, 1],
+            cases.append(("image → label", ort_name, "fp32", onnx.p_rain_from_images, photos, lambda: None))
+        cases.append(("head only", "torch engine (numpy head)", "fp64", lambda x: head.predict_proba(x)[:, 1],
                       embeddings, lambda: None))
         if onnx is not None:
-            cases.append(("head only", ort_name, onnx.p_rain_from_embeddings, embeddings, lambda: None))
-        for graph, engine, fn, items, s in cases:
+            cases.append(("head only", ort_name, "fp32", onnx.p_rain_from_embeddings, embeddings, lambda: None))
+        for graph, engine, precision, fn, items, s in cases:
             r = timed(fn, items, batch, args.calls, args.warmup, s)
-            rows.append(dict(feature=feature, graph=graph, engine=engine, batch=batch, **r))
+            rows.append(dict(feature=feature, graph=graph, engine=engine, precision=precision, batch=batch, **r))
+
+
+def add_ratios(rows: list) -> None:
+    """torch p50 / onnxruntime p50 for each onnxruntime row, against the torch row of the same
+    feature, graph, batch and precision (else the first torch row, with both precisions named)."""
+    for r in rows:
+        r["ratio"] = r["ratio_vs"] = None
+        if not r["engine"].startswith("onnxruntime"):
+            continue
+        same = [x for x in rows if (x["feature"], x["graph"], x["batch"]) == (r["feature"], r["graph"], r["batch"])
+                and not x["engine"].startswith("onnx")]
+        ref = next((x for x in same if x["precision"] == r["precision"]), same[0] if same else None)
+        if ref is not None:
+            r["ratio"] = ref["p50"] / r["p50"]
+            r["ratio_vs"] = f"torch {ref['precision']} / onnxruntime {r['precision']}"
 
 
 def print_table(rows: list) -> None:
-    print(f"{'feature':<8} {'graph':<14} {'engine':<26} {'batch':>5} {'p50 ms':>9} {'p95 ms':>9} "
-          f"{'img/s':>10} {'torch/onnx p50':>15}")
+    print(f"{'feature':<8} {'graph':<14} {'engine':<26} {'prec':<5} {'batch':>5} {'p50 ms':>9} {'p95 ms':>9} "
+          f"{'img/s':>10} {'torch/onnx p50':>15}  compared")
     for r in rows:
-        ratio = ""
-        if r["engine"].startswith("onnxruntime"):
-            ref = next(x for x in rows if (x["feature"], x["graph"], x["batch"]) ==
-                       (r["feature"], r["graph"], r["batch"]) and not x["engine"].startswith("onnx"))
-            ratio = f"{ref['p50'] / r['p50']:.2f}×"
-        print(f"{r['feature']:<8} {r['graph']:<14} {r['engine']:<26} {r['batch']:>5} {r['p50']:>9.3f} "
-              f"{r['p95']:>9.3f} {r['img_s']:>10.1f} {ratio:>15}")
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+        print(f"{r['feature']:<8} {r['graph']:<14} {r['engine']:<26} {r['precision']:<5} {r['batch']:>5} "
+              f"{r['p50']:>9.3f} {r['p95']:>9.3f} {r['img_s']:>10.1f} {ratio:>15}  {r['ratio_vs'] or ''}")
 
 
 def main(argv=None) -> int:
@@ -138,7 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
     ap.add_argument("--calls", type=int, default=15, help="timed calls per row")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls before each row")
-    ap.add_argument("--gpu", action="store_true", help="torch bf16 on CUDA vs onnxruntime CUDA provider")
+    ap.add_argument("--gpu", action="store_true", help="torch (bf16 and fp32) on CUDA vs onnxruntime CUDA provider")
+    add_json_argument(ap)
     args = ap.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -158,9 +187,14 @@ def main(argv=None) -> int:
     print(f"glm4v-tiny (random weights), {len(photos)} photos from {source}, image size {size}; "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__} "
           f"(default intra-op threads), {os.cpu_count()} CPUs")
+    add_ratios(rows)
     print_table(rows)
     for n in notes:
         print(f"note: {n}")
+    write_json(args.json, "bench_onnx.py", {"features": args.features.split(","), "batch_sizes": args.batch_sizes,
+                                            "calls": args.calls, "warmup": args.warmup, "gpu": args.gpu,
+                                            "photos": len(photos), "photo_source": source, "image_size": size,
+                                            "onnxruntime_intra_op_threads": "default"}, rows, notes)
     return 0
 
 

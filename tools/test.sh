@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash tools/install.sh
 . "${RAINCLF_VENV:-.venv}/bin/activate"
 export HF_HUB_OFFLINE=1
-python -m pytest -q -p no:cacheprovider "$@"
+# -rs: every skip's reason is printed; tests/conftest.py fails the run on a skip not in its
+# ALLOWED_SKIPS (root-only permission tests, GPU tests); GPU checks: python -m pytest -m gpu
+python -m pytest -q -rs -p no:cacheprovider "$@"

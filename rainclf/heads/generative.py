@@ -49,7 +49,7 @@ from rainclf.heads.train import (
     write_model,
 )
 from rainclf.io import log
-from rainclf.labels import LABELS, normalise_label
+from rainclf.labels import LABELS
 from rainclf.model import FitResult, ModelConfig, backbone_for
 from rainclf.report.metrics import classification_metrics
 from rainclf.report.quality import assess_answer, summarise
@@ -216,7 +216,8 @@ def evaluate_answers(gen: GenerativeModel, images, labels: Sequence[str], batch_
         tokens += int(count.sum())
         texts += gen.generate(ims, "greedy", max_new_tokens)
     q = summarise(texts)
-    acc = float(np.mean([normalise_label(t) == y for t, y in zip(texts, labels)]))
+    # exact answers only (rainclf.report.quality): the accuracy evaluate reports without --lenient
+    acc = float(np.mean([assess_answer(t).label == y for t, y in zip(texts, labels)]))
     return {"val_loss": round(loss_sum / max(tokens, 1), 6), "val_accuracy": round(acc, 6),
             "val_format_valid": round(q["format_valid_rate"], 6), "val_mean_length": round(q["mean_length"], 3),
             "rank": (acc, q["format_valid_rate"]), "_texts": texts}
@@ -266,7 +267,7 @@ def fit_generative(train: list, val: list, out_dir, options: FitOptions) -> FitR
     if va_im:
         with torch.no_grad(), autocast(device, gen.dtype):
             ev = evaluate_answers(gen, va_im, va_lab, options.batch_size, params.max_new_tokens)
-        preds = [normalise_label(t) for t in ev["_texts"]]
+        preds = [assess_answer(t).label for t in ev["_texts"]]
         metrics["validation"] = classification_metrics(va_lab, None, preds)           # greedy
         metrics["validation_quality"] = summarise(ev["_texts"])
         p = gen.constrained_p_rain(va_im)

@@ -101,6 +101,16 @@ def _roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def roc_points(y01: np.ndarray, p: np.ndarray) -> dict:
+    """ROC curve (fpr, tpr lists from (0,0) to (1,1)), one point per distinct threshold."""
+    order = np.argsort(-p, kind="mergesort")
+    ys, ps = y01[order], p[order]
+    distinct = np.r_[np.where(np.diff(ps))[0], len(ps) - 1]  # last index of each tie group
+    tps, fps = np.cumsum(ys)[distinct], np.cumsum(1 - ys)[distinct]
+    n_pos, n_neg = max(ys.sum(), 1), max((1 - ys).sum(), 1)
+    return {"fpr": [0.0] + (fps / n_neg).round(6).tolist(), "tpr": [0.0] + (tps / n_pos).round(6).tolist()}
+
+
 def classification_metrics(y_true: Sequence[str], p_rain: Sequence[float] | None,
                            y_pred: Sequence[str | None] | None,
                            threshold: float = 0.5) -> dict:

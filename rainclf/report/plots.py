@@ -2,10 +2,10 @@
 inside :func:`make_plots` only), returned as PNG bytes keyed by name:
 
     confusion    one 2×2 matrix per model
-    reliability  fraction of 会下雨 against mean p_rain per bin, one line per model with p_rain
+    reliability  fraction of 会下雨 against mean p_rain per bin (bins over p_rain), one line per scored model
     roc          ROC curve per model with p_rain (AUC in the legend)
     latency      p50 / p95 latency per image, per model
-    quality      format-valid / contains-label / mixed-language / think-leak rates, per model
+    quality      exact / extractable / invalid / mixed-language rates of generated answers, per model
 
 Text is ASCII ("rain" = 会下雨, "no rain" = 不会下雨): most servers have no CJK font.
 """
@@ -130,8 +130,9 @@ def make_plots(metrics: dict) -> dict[str, bytes]:
         out["latency"] = _png(fig)
 
     # output-quality bars
-    keys = [("format_valid_rate", "format-valid"), ("contains_label_rate", "contains label"),
-            ("mixed_language_rate", "mixed language"), ("think_leak_rate", "think-tag leak")]
+    # measured answers only: a guaranteed format (heads, constrained decoding) has no rates
+    keys = [("format_valid_rate", "exactly a label"), ("extractable_rate", "label inside text"),
+            ("invalid_rate", "no label"), ("mixed_language_rate", "mixed language")]
     judged = [n for n in names if models[n].get("format_valid_rate") is not None]
     if judged:
         import numpy as np

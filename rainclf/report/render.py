@@ -24,18 +24,24 @@ REPORT_HTML = "report.html"
 PLOTS_DIR = "plots"
 MISSING = "—"
 
-# (key path into a model's dict, row header, format spec); sections of the side-by-side tables.
+# (key path into a model's dict, row header, format spec: a number format, "d", or "s" for text);
+# sections of the side-by-side tables.
 SECTIONS: list[tuple[str, list[tuple[tuple, str, str]]]] = [
     ("Accuracy and calibration", [
+        (("held_out",), "held-out images (not fitted on)", "s"),
+        (("labels_counted",), "labels counted", "s"),
         (("accuracy",), "accuracy", ".4f"),
+        (("accuracy_exact",), "accuracy, exact answers only", ".4f"),
+        (("accuracy_lenient",), "accuracy, extractable answers counted too", ".4f"),
         (("balanced_accuracy",), "balanced accuracy", ".4f"),
         (("f1",), f"F1 ({RAIN})", ".4f"),
         (("f1_macro",), "F1 macro", ".4f"),
+        (("score_source",), "score used for ROC-AUC, ECE, Brier", "s"),
         (("roc_auc",), "ROC-AUC", ".4f"),
-        (("ece",), "ECE (10 bins)", ".4f"),
+        (("ece",), "ECE (10 bins over p_rain)", ".4f"),
         (("brier",), "Brier score", ".4f"),
-        (("n_invalid",), "images without a label (counted wrong)", "d"),
-        (("n_scored",), "images with a p_rain", "d"),
+        (("n_invalid",), "images without a counted label (counted wrong)", "d"),
+        (("n_scored",), "images with a score", "d"),
     ]),
     ("Per label", [
         (("precision", RAIN), f"precision {RAIN}", ".4f"),
@@ -46,21 +52,30 @@ SECTIONS: list[tuple[str, list[tuple[tuple, str, str]]]] = [
         (("f1_per_label", NO_RAIN), f"F1 {NO_RAIN}", ".4f"),
     ]),
     ("Output quality", [
-        (("format_valid_rate",), "format-valid rate", ".4f"),
-        (("contains_label_rate",), "contains-label rate", ".4f"),
+        (("answer_format",), "answer format", "s"),
+        (("quality_of",), "measured on", "s"),
+        (("n_answers",), "answers", "d"),
+        (("format_valid_rate",), "exactly a label (format-valid)", ".4f"),
+        (("extractable_rate",), "label inside other text (extractable)", ".4f"),
+        (("invalid_rate",), "no label (invalid)", ".4f"),
         (("mixed_language_rate",), "mixed-language rate", ".4f"),
-        (("think_leak_rate",), "think-leak rate", ".4f"),
+        (("think_wrapper_rate",), "<think> block used", ".4f"),
+        (("answer_wrapper_rate",), "<answer> tags used", ".4f"),
+        (("box_wrapper_rate",), "<|begin_of_box|> used", ".4f"),
         (("mean_length",), "mean answer length (chars)", ".2f"),
         (("fallback_rate",), "sent to fallback", ".4f"),
+        (("fallback_replaced",), "fallback label used", "d"),
     ]),
     ("Speed, size, memory", [
         (("images_per_s",), "images/s", ".3f"),
         (("latency_ms_p50",), "latency p50 (ms)", ".2f"),
         (("latency_ms_p95",), "latency p95 (ms)", ".2f"),
+        (("n_timed",), "timed images (all passes)", "d"),
+        (("timing_repeats",), "timed passes", "d"),
         (("load_seconds",), "load + warm-up (s)", ".2f"),
         (("model_size_mb",), "model directory (MiB)", ".3f"),
         (("backbone_size_mb",), "backbone weights (MiB)", ".3f"),
-        (("peak_memory_mb",), "peak memory (MiB)", ".1f"),
+        (("peak_memory_mb",), "peak memory, load + warm-up (MiB)", ".1f"),
     ]),
 ]
 
@@ -77,6 +92,8 @@ def fmt(value, spec: str) -> str:
         return MISSING
     if spec == "d":
         return str(int(value))
+    if spec == "s":
+        return str(value)
     return format(float(value), spec)
 
 
@@ -120,8 +137,21 @@ def random_banner(metrics: dict) -> str | None:
             "not GLM-4V quality. Do not choose a model from them.")
 
 
+def seen_banner(metrics: dict) -> str | None:
+    """The models evaluated on images their directory says they were fitted on, or None."""
+    seen = [f"{n} ({m['held_out'][4:]})" for n, m in metrics["models"].items()
+            if (m.get("seen_images") or {}).get("train") or (m.get("seen_images") or {}).get("validation")]
+    if not seen:
+        return None
+    return ("Evaluated on images the model was fitted on: " + "; ".join(seen)
+            + ". Those columns are not held-out figures.")
+
+
 def summary_lines(metrics: dict) -> list[str]:
-    """A few plain sentences: best model, fastest model, generative format validity."""
+    """A few plain sentences: best model, fastest model, what each fallback and generated-text
+    model did."""
+    from rainclf.report.scoring import answers_sentence
+
     models = metrics["models"]
     lines = []
     scored = [(m["balanced_accuracy"], n) for n, m in models.items() if m.get("balanced_accuracy") is not None]
@@ -135,15 +165,18 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append(f"Fastest per image: {fn} (p50 {fmt(fast, '.2f')} ms{ratio} than {sn} "
                      f"at {fmt(slow, '.2f')} ms).")
     for n, m in models.items():
-        if m.get("fallback_rate") is not None:
+        if m.get("n_fallback") is not None:
             alone = next((k for k, h in models.items() if h.get("model_dir") == m.get("model_dir")
                           and not h.get("fallback") and h.get("accuracy") is not None), None)
             versus = f" (the head alone: {fmt(models[alone]['accuracy'], '.4f')})" if alone else ""
-            lines.append(f"{n}: {fmt(m['fallback_rate'], '.4f')} of images went to the generative model; "
-                         f"accuracy {fmt(m.get('accuracy'), '.4f')}{versus}.")
-        if m.get("quality_of") == "generated text":
-            lines.append(f"{n}: {fmt(m.get('format_valid_rate'), '.4f')} of answers were exactly a label; "
-                         f"{m.get('n_invalid')} of {m.get('n')} images got no label and count as wrong.")
+            k, total = m["n_fallback"], m.get("n")
+            lines.append(f"{n}: {'no' if k == 0 else k} of {total} images went to the generative model, "
+                         f"whose label was used for {m.get('fallback_replaced') or 0} "
+                         f"({m.get('fallback_changed') or 0} different from the head's); accuracy "
+                         f"{fmt(m.get('accuracy'), '.4f')}{versus}.")
+        sentence = answers_sentence(m, bool(metrics.get("lenient")))
+        if sentence:
+            lines.append(f"{n}: {sentence}.")
     return lines
 
 
@@ -151,12 +184,18 @@ def _context_lines(metrics: dict) -> list[str]:
     counts = ", ".join(f"{k} {v}" for k, v in metrics.get("label_counts", {}).items())
     t, env = metrics.get("timing", {}), metrics.get("environment", {})
     lines = [f"Data: `{metrics.get('data')}`, {metrics.get('n_images')} images ({counts}).",
-             f"Timing: {t.get('note')}; {t.get('warmup_calls')} warm-up call(s) excluded"
+             f"Timing: {t.get('note')}; {t.get('order', 'one model at a time')}, {t.get('repeats', 1)} timed "
+             f"pass(es) per model after {t.get('warmup_calls')} untimed warm-up call(s) at every call size "
+             "(fallbacks included)"
              + ("; embedding cache ON (cached images skip the backbone)" if t.get("embedding_cache") else "")
              + ".",
              f"Machine: {env.get('gpu') or env.get('device')}, {env.get('cpu_count')} CPUs, torch "
              f"{env.get('torch')} ({env.get('torch_threads')} threads); rainclf {metrics.get('rainclf_version')}, "
              f"{metrics.get('created')}."]
+    lines += list(metrics.get("rules") or [])
+    if metrics.get("models") and all(m.get("held_out") is None for m in metrics["models"].values()):
+        lines.append("Held-out: no model directory records the images it was fitted on, so this report cannot "
+                     "tell whether these images are new to the models.")
     if metrics.get("band"):
         lo, hi = metrics["band"]
         lines.append(f"Fallback band: head p_rain in [{lo}, {hi}] goes to the generative model.")
@@ -165,10 +204,12 @@ def _context_lines(metrics: dict) -> list[str]:
 
 PLOT_CAPTIONS = {
     "confusion": "Confusion matrices (rows: true label, columns: predicted; images without a label not shown)",
-    "reliability": "Reliability diagrams (10 equal-width bins of p_rain; the diagonal is perfect calibration)",
+    "reliability": "Reliability diagrams (10 equal-width bins over p_rain, the score the ROC-AUC, ECE and Brier "
+                   "use; the diagonal is perfect calibration)",
     "roc": "ROC curves",
     "latency": "Latency per image, p50 and p95 (ms)",
-    "quality": "Output quality: share of answers that are exactly a label, contain one, mix languages, leak tags",
+    "quality": "Generated answers: share exactly a label, with a label inside other text, without a label, "
+               "mixing languages (models whose format is guaranteed are not shown)",
 }
 
 
@@ -182,9 +223,9 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def markdown_report(metrics: dict, plot_files: dict[str, str] | None = None) -> str:
     lines = ["# rainclf evaluation", ""]
-    banner = random_banner(metrics)
-    if banner:
-        lines += [f"**{banner}**", ""]
+    for banner in (random_banner(metrics), seen_banner(metrics)):
+        if banner:
+            lines += [f"**{banner}**", ""]
     lines += [f"- {s}" for s in _context_lines(metrics)] + [""]
     summary = summary_lines(metrics)
     if summary:
@@ -230,9 +271,9 @@ def html_report(metrics: dict, plots: dict[str, bytes] | None = None) -> str:
     out = ["<!DOCTYPE html>", '<html lang="zh"><head><meta charset="utf-8">',
            "<title>rainclf evaluation</title>", f"<style>{_CSS}</style></head><body>",
            "<h1>rainclf evaluation</h1>"]
-    banner = random_banner(metrics)
-    if banner:
-        out.append(f'<p class="warn"><strong>{html.escape(banner)}</strong></p>')
+    for banner in (random_banner(metrics), seen_banner(metrics)):
+        if banner:
+            out.append(f'<p class="warn"><strong>{html.escape(banner)}</strong></p>')
     out.append("<ul>" + "".join(f"<li>{_inline_md(s)}</li>" for s in _context_lines(metrics)) + "</ul>")
     summary = summary_lines(metrics)
     if summary:

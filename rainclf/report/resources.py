@@ -35,7 +35,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
-            self.method = "torch.cuda.max_memory_allocated"
+            # minus what was allocated before: models loaded earlier in the same run stay resident
+            self.method = "torch.cuda.max_memory_allocated increase over the block"
             return self
         gc.collect()
         self.base_rss = self._status_kb("VmRSS")
@@ -55,7 +56,7 @@ class PeakMemory:
             import torch
 
             torch.cuda.synchronize()
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
         elif self.method.startswith("peak RSS"):
             peak = self._status_kb("VmHWM")
             self.peak_mb = (peak - self.base_rss) / 1024 if peak and self.base_rss else None
