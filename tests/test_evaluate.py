@@ -31,7 +31,7 @@ def evaluated(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAINCLF_CACHE_DIR", str(root / "cache"))   # module scope: the autouse one is not active yet
         data = write_class_folders(root / "data", n_per_class=3)
-        base = dict(cache_dir=None, progress=False, device="cpu", val_split=0.0)
+        base = dict(backbone="glm4v-tiny", cache_dir=None, progress=False, device="cpu", val_split=0.0)
         dirs = [root / "vision", root / "answer"]
         fit(data, dirs[0], FitOptions(feature="vision", **base))
         fit(data, dirs[1], FitOptions(feature="answer", layer=1, **base))

@@ -33,7 +33,7 @@ def model_dir(dataset, tmp_path_factory):
 
 def test_model_directory_contents(model_dir):
     names = sorted(p.name for p in model_dir.iterdir())
-    assert names == ["README.md", "config.json", "head.safetensors", "metrics.json"]
+    assert names == ["README.md", "config.json", "data_sha256.safetensors", "head.safetensors", "metrics.json"]
     cfg = read_config(model_dir)
     assert cfg.head == "linear" and cfg.feature == "vision" and cfg.dim == 64
     assert cfg.backbone["name"] == "glm4v-tiny" and cfg.backbone["random_weights"] is True

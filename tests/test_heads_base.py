@@ -129,7 +129,7 @@ def test_options_of_another_head_are_refused():
     with pytest.raises(ValueError, match="does not use --lora-r"):
         fit("no-such-data", "out", FitOptions(head_params={"lora_r": 4}))   # before the data is read
     with pytest.raises(ValueError, match="reads the answer feature"):
-        fit("no-such-data", "out", FitOptions(head="lora", feature="vision"))
+        fit("no-such-data", "out", FitOptions(backbone="glm4v-tiny", head="lora", feature="vision"))
 
 
 def test_defaults_of_the_base_class_refuse_what_a_head_cannot_do(tmp_path):

@@ -54,7 +54,7 @@ if hook == "slow-cache":        # real embedding work, each cache write followed
     EmbeddingCache.put = slow_put
 elif hook == "fit-write":       # stop while the model directory is half written
     import rainclf.heads.linear
-    def half_written(directory, config, metrics):
+    def half_written(directory, config, metrics, **kw):
         (directory / "config.json").write_text(config.to_json()[:50], encoding="utf-8")
         hang()
     rainclf.heads.linear.write_common_files = half_written

@@ -120,7 +120,7 @@ def test_linear_model_dir_cache_and_outputs_hold_no_pickle(linear_dir, dataset):
     assert r.exit_code == 0, r.output
     written = [root / "linear", root / "cache", root / "p.jsonl", root / "v.safetensors"]
     assert sorted(p.name for p in (root / "linear").iterdir()) == [
-        "README.md", "config.json", "head.safetensors", "metrics.json"]
+        "README.md", "config.json", "data_sha256.safetensors", "head.safetensors", "metrics.json"]
     assert len(list((root / "cache").rglob("*.rce"))) == 12
     for path in written:
         assert pickle_findings(path) == [], path
