@@ -17,6 +17,7 @@ import click
 
 from rainclf import __version__
 from rainclf.backbones.base import DEFAULT_BACKBONE
+from rainclf.cli_options import FitCommand, apply_options, cache_dir_choice, common_run, given, show_progress
 from rainclf.data.groups import DEFAULT_THRESHOLD
 
 EXIT_NOTHING = 1
@@ -48,43 +49,6 @@ class _Group(click.Group):
             _fail("interrupted (nothing half-written was left behind)", 130)
 
 
-def _cache_dir(no_cache: bool, cache_dir: str | None):
-    from rainclf.config import cache_choice
-
-    return cache_choice(cache_dir, no_cache)
-
-
-def given(**options) -> dict:
-    """The options the user typed (click leaves the others None): a head refuses those it does
-    not use instead of silently dropping them."""
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def _progress(quiet: bool) -> bool:
-    return not quiet
-
-
-common_run = [
-    click.option("--device", default="auto", show_default=True,
-                 help="auto, cpu, cuda, cuda:N, or multi (one GLM-4V split over all GPUs of this node, "
-                      "for models too large for one card)."),
-    click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
-                 help="Images per forward pass."),
-    click.option("--cache-dir", type=click.Path(file_okay=False),
-                 help="Embedding cache folder [default: $RAINCLF_CACHE_DIR or ~/.cache/rainclf]."),
-    click.option("--no-cache", is_flag=True, help="Neither read nor write the embedding cache."),
-    click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines."),
-]
-
-
-def _apply(options):
-    def deco(f):
-        for o in reversed(options):
-            f = o(f)
-        return f
-    return deco
-
-
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rainclf")
 def main():
@@ -105,43 +69,6 @@ def main():
     offline). glm4v-tiny is the GLM-4V code path with RANDOM weights (tests and demos); pass a real
     GLM-4V checkpoint with --backbone /path/to/GLM-4.1V-9B-Thinking.
     """
-
-
-class SectionedCommand(click.Command):
-    """A command whose --help lists its options in titled sections (``SECTIONS``: option name →
-    section), in the order the sections first appear."""
-
-    sections: dict[str, str] = {}
-    OTHER = "Running"
-
-    def format_options(self, ctx, formatter):
-        groups: dict[str, list] = {title: [] for title in dict.fromkeys(self.sections.values())}
-        groups[self.OTHER] = []
-        for param in self.get_params(ctx):
-            record = None if isinstance(param, click.Argument) else param.get_help_record(ctx)
-            if record is not None:
-                groups[self.sections.get(param.name, self.OTHER)].append(record)
-        for title, records in groups.items():
-            if records:
-                with formatter.section(title):
-                    formatter.write_dl(records)
-
-
-FIT_DATA = "Data and backbone"
-FIT_LINEAR = "Linear head (--head linear)"
-FIT_LORA = "LoRA and generative heads (--head lora | generative)"
-
-
-class FitCommand(SectionedCommand):
-    sections = {
-        **{n: FIT_DATA for n in ("out_dir", "backbone", "head", "feature", "layer", "prompt", "val_split",
-                                 "seed", "groups_file", "near_dup_threshold", "no_auto_groups",
-                                 "allow_conflicts", "image_size", "weights", "trust_remote_code", "overwrite")},
-        **{n: FIT_LINEAR for n in ("class_weight", "C", "threshold_from_val")},
-        **{n: FIT_LORA for n in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "steps", "lr",
-                                 "train_batch_size", "grad_accum", "eval_every", "patience", "precision",
-                                 "force_fp16")},
-    }
 
 
 @main.command(cls=FitCommand)
@@ -199,7 +126,7 @@ class FitCommand(SectionedCommand):
               help="Training precision [default: auto = bf16 on CUDA, fp32 on CPU]. fp16 is refused without "
                    "--force-fp16.")
 @click.option("--force-fp16", is_flag=True, default=None, help="Train in fp16 despite the overflow / mixed-language risk.")
-@_apply(common_run)
+@apply_options(common_run)
 @click.pass_context
 def fit(ctx, data, out_dir, backbone, feature, layer, prompt, head, val_split, seed, groups_file, near_dup_threshold,
         no_auto_groups, allow_conflicts, image_size, weights,
@@ -224,9 +151,9 @@ def fit(ctx, data, out_dir, backbone, feature, layer, prompt, head, val_split, s
                       near_dup_threshold=None if no_auto_groups else near_dup_threshold,
                       allow_conflicts=allow_conflicts, batch_size=batch_size, device=device,
                       image_size=image_size, weights=weights, trust_remote_code=trust_remote_code,
-                      cache_dir=_cache_dir(no_cache, cache_dir),
+                      cache_dir=cache_dir_choice(no_cache, cache_dir),
                       class_weight=None if class_weight == "none" else class_weight, C=C,
-                      threshold_from_val=threshold_from_val, overwrite=overwrite, progress=_progress(quiet),
+                      threshold_from_val=threshold_from_val, overwrite=overwrite, progress=show_progress(quiet),
                       head_params=given(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                         lora_targets=lora_targets, steps=steps, lr=lr,
                                         train_batch_size=train_batch_size, grad_accum=grad_accum,
@@ -268,7 +195,7 @@ def fit(ctx, data, out_dir, backbone, feature, layer, prompt, head, val_split, s
               help="LO,HI: head p_rain inside [LO, HI] goes to --fallback.")
 @click.option("--fallback-decoding", type=click.Choice(["greedy", "sample", "constrained"]),
               default="constrained", show_default=True)
-@_apply(common_run)
+@apply_options(common_run)
 def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, top_p, seed, fallback,
             band, fallback_decoding, device, batch_size, cache_dir, no_cache, quiet):
     """Label every image under INPUTS (a folder, searched recursively, or one file).
@@ -282,8 +209,8 @@ def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, 
     from rainclf.outputs import format_rows
     from rainclf.predict import predict as run_predict
 
-    opts = RunOptions(device=device, batch_size=batch_size, cache_dir=_cache_dir(no_cache, cache_dir),
-                      progress=_progress(quiet), backbone=backbone, engine=engine, decoding=decoding,
+    opts = RunOptions(device=device, batch_size=batch_size, cache_dir=cache_dir_choice(no_cache, cache_dir),
+                      progress=show_progress(quiet), backbone=backbone, engine=engine, decoding=decoding,
                       temperature=temperature, top_p=top_p, seed=seed)
     run = run_predict(inputs, model_dir, opts, output=output, fallback=fallback,
                       band=parse_band(band), fallback_decoding=fallback_decoding)
@@ -312,7 +239,7 @@ def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, 
 @click.option("--image-size", type=int)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--trust-remote-code", is_flag=True)
-@_apply(common_run)
+@apply_options(common_run)
 def embed(data, out_file, backbone, feature, layer, prompt, image_size, weights, trust_remote_code,
           device, batch_size, cache_dir, no_cache, quiet):
     """Write the embeddings of DATA (a labelled dataset or a folder of images) to a safetensors file."""
@@ -322,7 +249,7 @@ def embed(data, out_file, backbone, feature, layer, prompt, image_size, weights,
     result = embed_to_file(data, out_file, backbone, BackboneOptions(
         device=device, image_size=image_size, weights=weights, trust_remote_code=trust_remote_code),
         feature=feature, layer=layer, prompt=prompt or DEFAULT_PROMPT, batch_size=batch_size,
-        cache_dir=_cache_dir(no_cache, cache_dir), progress=_progress(quiet))
+        cache_dir=cache_dir_choice(no_cache, cache_dir), progress=show_progress(quiet))
     if result is None:  # not rank 0: its shard is written; rank 0 merges and reports
         return
     click.echo(f"wrote {out_file}: {result['n']} × {result['dim']} ({result['errors']} skipped)"
@@ -425,7 +352,7 @@ def serve_cmd(model_dir, **options):
               help="Generated answers with a label inside other text count with that label (default: exact answers only).")
 @click.option("--no-plots", is_flag=True, help="Reports without plots (no matplotlib needed).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@_apply(common_run)
+@apply_options(common_run)
 def evaluate_cmd(data, model_dirs, out_dir, fallback, band, fallback_decoding, decodings, temperature, top_p,
                  seed, max_new_tokens, timing, warmup, repeats, one_model_at_a_time, lenient, no_plots, overwrite,
                  device, batch_size, cache_dir, no_cache, quiet):
@@ -439,8 +366,8 @@ def evaluate_cmd(data, model_dirs, out_dir, fallback, band, fallback_decoding, d
     from rainclf.heads.fallback import parse_band
     from rainclf.report.evaluate import evaluate
 
-    opts = RunOptions(device=device, batch_size=batch_size, cache_dir=_cache_dir(no_cache, cache_dir),
-                      progress=_progress(quiet),
+    opts = RunOptions(device=device, batch_size=batch_size, cache_dir=cache_dir_choice(no_cache, cache_dir),
+                      progress=show_progress(quiet),
                       temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
     metrics = evaluate(data, list(model_dirs), out_dir, opts, fallback=fallback, band=parse_band(band),
                        decodings=list(decodings) or None, fallback_decoding=fallback_decoding, timing=timing,
