@@ -191,7 +191,9 @@ def test_fallback_combination_routes_by_band(evaluated):
     assert m["fallback_changed"] == changed
     assert ("6 of 7 images had a head p_rain in [0, 1] and were asked again to the generative model "
             f"(constrained): its label replaced the head's for 6 ({changed or 'none'} of them a different label)") in md
-    assert "Held-out: no model directory records the images it was fitted on" in md
+    # every model directory records what it was fitted on (data_sha256.safetensors): here all of it
+    assert m["held_out"] == models["vision"]["held_out"] == "NO: 6 training + 0 validation of 7 images"   # 6 + the broken file (hashed too)
+    assert "Held-out: no model directory records the images it was fitted on" not in md
     assert "so the head's label stood" not in md
 
 
