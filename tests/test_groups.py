@@ -138,6 +138,11 @@ def test_check_data_exit_codes_and_one_line_per_problem(tmp_path):
 def test_check_data_reports_groups_a_plain_split_would_straddle(weather_dir):
     r = _check([weather_dir / "train.jsonl", "--groups", weather_dir / "near_duplicate_groups.csv"])
     assert r.exit_code == 1                           # the small photos (below 224 px) are problems
+    # hundreds of small photos: one line naming the count and the smallest, not one line each
+    small = [ln for ln in r.output.splitlines() if "below the 224 px input" in ln]
+    assert len(small) == 1 and "(smallest: " in small[0], small[:3]
+    n_small = int(small[0].split(" of ")[0])
+    assert n_small > 5 and f"{n_small} small image" in r.output.strip().splitlines()[-1]
     note = next(ln for ln in r.output.splitlines() if "near-duplicate group" in ln)
     assert "a plain random split" in note and int(note.split("would straddle ")[1].split()[0]) > 20
 

@@ -49,6 +49,25 @@ def _name(p) -> str:
     return describe_path(rel if len(rel) < len(str(p)) else p)
 
 
+SMALL_LISTED = 5   # more small images than this: one line with the smallest, not one line each
+
+
+def _small_images(examples, facts, input_size: int, backbone: str, kinds: Counter, problems: list) -> None:
+    small = sorted(((min(f.size), e, f) for e, f in zip(examples, facts) if f.size and min(f.size) < input_size),
+                   key=lambda t: t[0])
+    if small:
+        kinds["small image"] += len(small)
+    fix = "it will be upscaled; use a larger copy if you have one"
+    if len(small) <= SMALL_LISTED:
+        for _, e, f in small:
+            problems.append(f"{e.origin}: {_name(e.path)} is {f.size[0]}×{f.size[1]} px, below the {input_size} px "
+                            f"input of {backbone} — {fix}")
+        return
+    shown = ", ".join(f"{_name(e.path)} {f.size[0]}×{f.size[1]}" for _, e, f in small[:SMALL_LISTED])
+    problems.append(f"{len(small)} of {len(examples)} images are below the {input_size} px input of {backbone} "
+                    f"(smallest: {shown}, …) — they will be upscaled; use larger copies if you have them")
+
+
 def check_data(data: str | Path, groups: str | Path | None = None, threshold: int | None = DEFAULT_THRESHOLD,
                input_size: int | None = None, backbone_name: str = "", val_split: float = 0.2,
                seed: int = 0, progress: bool = False) -> CheckReport:
@@ -97,11 +116,7 @@ def check_data(data: str | Path, groups: str | Path | None = None, threshold: in
         else:
             within += 1
     if input_size:
-        for e, f in zip(examples, facts):
-            if f.size and min(f.size) < input_size:
-                problem("small image", f"{e.origin}: {_name(e.path)} is {f.size[0]}×{f.size[1]} px, below the "
-                                       f"{input_size} px input of {backbone_name or 'the backbone'} — it will be "
-                                       "upscaled; use a larger copy if you have one")
+        _small_images(examples, facts, input_size, backbone_name or "the backbone", kinds, report.problems)
 
     report.counts = dict(kinds)
     report.notes.append(f"{len(examples)} images: " + ", ".join(f"{counts[label]} {label}" for label in LABELS))
