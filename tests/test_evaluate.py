@@ -170,6 +170,10 @@ def test_generative_columns_show_answer_quality(evaluated):
     assert constrained["answer_format"] == GUARANTEED and constrained["format_valid_rate"] is None
     assert constrained["n_scored"] == 6 and constrained["score_source"] == "constrained decoding's p_rain"
     assert constrained["decoding"] == "constrained" and greedy["decoding"] == "greedy"
+    # the report states how constrained scores are formed (summed, not length-normalised)
+    assert "not length-normalised" in constrained["constrained_score"] and greedy["constrained_score"] is None
+    md = (evaluated["out"] / "report.md").read_text(encoding="utf-8")
+    assert "| constrained score |" in md and "summed log-probabilities" in md
 
 
 def test_fallback_combination_routes_by_band(evaluated):

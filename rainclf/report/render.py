@@ -117,7 +117,7 @@ def section_tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]
 def describe_models(metrics: dict) -> tuple[list[str], list[list[str]]]:
     names = list(metrics["models"])
     fields = [("head", "head"), ("feature", "feature"), ("layer", "layer"), ("decoding", "decoding"),
-              ("fallback", "fallback"), ("backbone", "backbone"), ("random_weights", "random weights"),
+              ("fallback", "fallback"), ("constrained_score", "constrained score"), ("backbone", "backbone"), ("random_weights", "random weights"),
               ("model_dir", "directory")]
     rows = []
     for key, header in fields:

@@ -32,6 +32,11 @@ from rainclf.report.resources import dir_size_mb
 
 GUARANTEED = "guaranteed (cannot emit anything else)"
 MEASURED = "free text, measured"
+# Constrained decoding's score, stated in every report that has one. Not length-normalised: the sum
+# is log p(answer | image, prompt), so the softmax over the two is the model's own two-way posterior;
+# a per-token mean would change it (会下雨 and 不会下雨 differ in length) and its calibration with it.
+CONSTRAINED_SCORE = ("p_rain = softmax of the two labels' summed log-probabilities (label tokens + "
+                     "terminator), not length-normalised")
 FREE_TEXT_DECODINGS = ("greedy", "sample")
 ECE_VARIANT = "binary ECE: 10 equal-width bins over p_rain (not top-label confidence)"
 SCORE_RULE = ("ROC-AUC, ECE and Brier use one score per readable image from the part of the model that "
@@ -168,6 +173,7 @@ def model_metrics(spec, y_true: list[str], run, config, lenient: bool = False, b
     own_scores = d.get("decoding") == "constrained" and "fallback" not in d
     m["score_source"] = (None if not scored else "constrained decoding's p_rain" if own_scores
                          else "the head's p_rain")
+    m["constrained_score"] = CONSTRAINED_SCORE if d.get("decoding") == "constrained" and own_scores else None
     m["roc_auc"] = m["ece"] = m["brier"] = None
     curves: dict = {"roc": None, "reliability": None}
     if scored:
