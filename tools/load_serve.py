@@ -153,7 +153,7 @@ def run_level(url: str, bodies: list, c: int, n: int, duration: float, counter: 
             "mean_server_batch": (imgs1 - imgs0) / (calls1 - calls0) if calls1 > calls0 else None}
 
 
-def in_process_img_s(model: str, photos: list, batch: int, min_images: int = 96) -> float:
+def in_process_img_s(model: str, photos: list, batch: int, min_images: int = 160) -> float:
     """``OnnxClassifier`` on this process: decode + preprocess + p_rain, ``batch`` images per call."""
     from rainclf.data.images import decode_image
     from rainclf.onnx.runtime import OnnxClassifier
@@ -204,6 +204,9 @@ def main(argv=None) -> int:
     ap.add_argument("--images", default=str(WEATHER), help="folder of photos to send [../shared/weather/images]")
     ap.add_argument("--url", help="a running server on 127.0.0.1 instead of starting one")
     ap.add_argument("--pid", type=int, help="with --url: the server's process id, for its RSS")
+    ap.add_argument("--unbatched-requests", type=int, default=1000, help="requests of the --max-batch 1 run")
+    ap.add_argument("--in-process-images", type=int, default=160,
+                    help="images per in-process measurement (before and after each level)")
     ap.add_argument("--no-unbatched", dest="unbatched", action="store_false",
                     help="skip the --max-batch 1 comparison at the highest concurrency")
     add_json_argument(ap)
@@ -233,13 +236,20 @@ def main(argv=None) -> int:
         try:
             for c in (args.concurrency if label == "batched" else [max(args.concurrency)]):
                 batch = min(c, max_batch)
-                inproc = in_process_img_s(args.model, photos, batch)
+                # the in-process figure before and after the level, averaged: on a shared machine
+                # the load of other processes drifts during a level
+                before = in_process_img_s(args.model, photos, batch, args.in_process_images)
                 run_level(url, bodies, c, 2 * c, 30, counter)         # warm-up, not counted
                 start = sampler.sample()
-                r = run_level(url, bodies, c, requests[c], args.duration, counter)
+                n = requests[c] if label == "batched" else args.unbatched_requests
+                r = run_level(url, bodies, c, n, args.duration, counter)
+                end = sampler.sample()
+                after = in_process_img_s(args.model, photos, batch, args.in_process_images)
+                inproc = (before + after) / 2
                 r.update(server=label, server_max_batch=max_batch, in_process_batch=batch,
-                         in_process_img_s=inproc, ratio_to_in_process=r["img_s"] / inproc,
-                         rss_mb_start=start, rss_mb_end=sampler.sample())
+                         in_process_img_s=inproc, in_process_img_s_before_after=[before, after],
+                         ratio_to_in_process=r["img_s"] / inproc, rss_mb_start=start, rss_mb_end=end,
+                         load_average_1min=os.getloadavg()[0])
                 levels.append(r)
                 print(f"  {label} c={c}: {r['requests']} requests, {r['img_s']:.1f} img/s, "
                       f"{r['errors']} errors", flush=True)
@@ -264,12 +274,20 @@ def main(argv=None) -> int:
             rss = [x["rss_mb"] for x in s]
             notes.append(f"{label} server RSS over {s[-1]['requests']} requests: first {rss[0]:.0f} MiB, "
                          f"min {min(rss):.0f}, max {max(rss):.0f}, last {rss[-1]:.0f}")
+            step = max(1000, s[-1]["requests"] // 10)
+            marks, seen = [], -1
+            for x in s:                         # the first sample past each multiple of `step`
+                if x["requests"] // step > seen:
+                    seen = x["requests"] // step
+                    marks.append(f"{x['requests']}: {x['rss_mb']:.0f}")
+            notes.append(f"{label} server RSS MiB at requests answered — " + ", ".join(marks))
     for line in notes:
         print(line)
     write_json(args.json, "load_serve.py",
                {"model": args.model, "concurrency": args.concurrency, "requests": requests,
                 "duration_s": args.duration, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-                "workers": args.workers, "photos": len(photos), "images": args.images, "url": args.url},
+                "workers": args.workers, "photos": len(photos), "images": args.images, "url": args.url,
+                "unbatched_requests": args.unbatched_requests, "in_process_images": args.in_process_images},
                {"levels": levels, "rss_samples": samples}, notes)
     return 0
 
