@@ -61,6 +61,7 @@ def main():
       rainclf predict PHOTOS/ --model DIR    one row per image: path,label,p_rain,source,error
       rainclf embed DATA -o vectors.safetensors
       rainclf export MODEL_DIR               ONNX graphs for services without torch
+      rainclf serve MODEL_DIR                HTTP service on the ONNX export (torch-free)
       rainclf evaluate DATA --model A --model B -o REPORT/   head vs generative baseline report
 
       rainclf check-data DATA                duplicates, label conflicts, unreadable or small images
