@@ -5,6 +5,7 @@ graph (rainclf/onnx/timm_graph.py) against torch on real photos."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,21 @@ def test_onnx_image_graph_matches_torch_on_real_photos(weather_dir, photos, tmp_
     dp = np.abs(np.array([r.p_rain for r in torch_rows]) - np.array([r["p_rain"] for r in onnx_rows]))
     assert len(photos) >= 30 and dp.max() <= 1e-4
     assert [r.label for r in torch_rows] == [r["label"] for r in onnx_rows]
+
+    # the Triton repository of this export: input (batch, 3, 224, 224) unchanged, same p_rain
+    import onnxruntime as ort
+
+    from rainclf.data.images import decode_image
+    from rainclf.onnx.runtime import preprocess
+    from rainclf.onnx.triton import write_triton_repository
+
+    triton = write_triton_repository(model / "onnx", tmp_path / "repo")
+    config = (Path(triton["model_dir"]) / "config.pbtxt").read_text(encoding="utf-8")
+    assert "dims: [ 3, 224, 224 ]" in config and "max_batch_size: 32" in config
+    session = ort.InferenceSession(str(Path(triton["model_dir"]) / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    spec = OnnxClassifier.from_dir(model).metadata.input_spec
+    pixels = np.concatenate([preprocess([decode_image(p.read_bytes(), p.name)], spec) for p in photos[:9]])
+    assert pixels.shape == (9, 3, 224, 224)
+    got = session.run(["p_rain"], {"pixel_values": pixels})[0]
+    assert np.abs(got - np.array([r["p_rain"] for r in onnx_rows[:9]])).max() <= 1e-5

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -344,6 +345,13 @@ def test_workers_share_the_socket_and_report_metrics_together(model_dir, tmp_pat
 
 # ------------------------------------------------------------------ refusing what cannot be served
 
+def line_of(path) -> str:
+    r = CliRunner().invoke(main, ["serve", str(path)])
+    assert r.exit_code == 2
+    (line,) = r.output.strip().splitlines()
+    return line
+
+
 def test_refuses_exports_without_the_image_graph_in_one_line(model_dir, tmp_path):
     from rainclf.onnx.export import export_onnx
 
@@ -354,6 +362,12 @@ def test_refuses_exports_without_the_image_graph_in_one_line(model_dir, tmp_path
         assert r.exit_code == 2
         (line,) = r.output.strip().splitlines()
         assert words in line and "rainclf export" in line and "--include-backbone" in line
+    # the fix names what can be exported: an export folder cannot, its model directory can
+    assert f"rainclf export {head_only} " not in line_of(head_only) and "model directory" in line_of(head_only)
+    copy = tmp_path / "model-copy"
+    shutil.copytree(model_dir, copy, ignore=shutil.ignore_patterns("onnx"))
+    export_onnx(copy, include_backbone=False)                      # copy/onnx: the head graph only
+    assert f"run: rainclf export {copy} --include-backbone" in line_of(copy)
     r = CliRunner().invoke(main, ["serve", str(model_dir), "--max-batch", "64", "--max-queue", "32"])
     assert r.exit_code == 2 and "--max-queue 32 is below --max-batch 64" in r.output
 

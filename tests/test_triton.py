@@ -283,25 +283,3 @@ def test_triton_graph_on_numpy_pixels_equals_predict_engine_onnx_on_real_photos(
             assert float(got) == pytest.approx(want, abs=1e-6)
             assert (LABELS[1] if got >= meta["threshold"] else LABELS[0]) == label
     assert np.ptp(whole) > 1e-4      # the photos get different answers: not a constant graph
-
-
-# ------------------------------------------------------------------ known gap
-
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="rainclf/onnx/triton.py reads patches_per_image from every input spec; a timm "
-                          "export (efficientnet-lite0, the default backbone) has a TimmInputSpec, whose "
-                          "graph already takes (batch, 3, S, S)")
-def test_triton_repository_of_a_timm_export(exported, tmp_path):
-    from rainclf.onnx.triton import write_triton_repository
-
-    model_dir, _ = exported
-    export = tmp_path / "timm-like"
-    shutil.copytree(model_dir / "onnx", export)
-    # the metadata of a timm export (what efficientnet-lite0 writes), on this graph's files:
-    # write_triton_repository reads the spec before it looks at the graph's shapes
-    meta = json.loads((export / METADATA_FILE).read_text(encoding="utf-8"))
-    meta["input"] = {"kind": "timm", "image_size": 224, "resize": 256, "image_mean": [0.5] * 3,
-                     "image_std": [0.5] * 3, "interpolation": "bicubic"}
-    (export / METADATA_FILE).write_text(json.dumps(meta), encoding="utf-8")
-    info = write_triton_repository(export, tmp_path / "repo")
-    assert info["files"] == ["1/model.onnx", "config.pbtxt", METADATA_FILE]

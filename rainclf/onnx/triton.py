@@ -14,6 +14,10 @@ one or more images each along B. The client computes those rows in numpy, exactl
 ``rainclf.onnx.runtime.pixel_values(images, spec)`` does (one image: a (patches, patch_dim)
 array), and turns ``p_rain`` into a label with the threshold in rainclf_onnx.json.
 
+A timm image graph (efficientnet-lite0, the default backbone) already takes ``pixel_values`` as
+``(B, 3, S, S)``: it is written unchanged, with ``dims: [3, S, S]`` (the client computes
+``rainclf.onnx.runtime.timm_pixel_values`` rows).
+
 Needs the ``onnx`` package only (no torch): the graph is rewritten without loading its weights.
 """
 
@@ -54,7 +58,10 @@ def write_triton_repository(export_dir: str | Path, repository: str | Path, name
                               "tensors): re-export with --include-backbone")
     graph_entry, spec = meta.graphs["image"], meta.input_spec
     model = onnx.load(str(export_dir / graph_entry["file"]), load_external_data=False)
-    batched_input(model, spec.patches_per_image, spec.patch_dim)
+    if getattr(spec, "kind", None) == "timm":
+        image_input(model, spec.image_size)
+    else:
+        batched_input(model, spec.patches_per_image, spec.patch_dim)
     outputs = _outputs(model, graph_entry.get("outputs", {}))
 
     dest = Path(repository) / name
@@ -91,6 +98,23 @@ def batched_input(model, patches: int, patch_dim: int) -> None:
     g.input.append(helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", patches, patch_dim]))
 
 
+def image_input(model, size: int) -> None:
+    """A timm graph's input is already batched: check it is ``pixel_values`` [batch, 3, S, S]."""
+    g = model.graph
+    dims = [d.dim_value or d.dim_param for d in g.input[0].type.tensor_type.shape.dim] if len(g.input) == 1 else []
+    if [i.name for i in g.input] != [INPUT] or len(dims) != 4 or dims[1:] != [3, size, size] or \
+            isinstance(dims[0], int):
+        raise OnnxExportError(f"the image graph takes {[i.name for i in g.input]} {dims}, not "
+                              f"{INPUT!r} [batch, 3, {size}, {size}]: re-run rainclf export --include-backbone")
+
+
+def input_dims(spec) -> list[int]:
+    """Per-image dims of ``pixel_values`` (Triton leaves the batch axis out)."""
+    if getattr(spec, "kind", None) == "timm":
+        return [3, spec.image_size, spec.image_size]
+    return [spec.patches_per_image, spec.patch_dim]
+
+
 def _outputs(model, declared: dict) -> list[dict]:
     """name, Triton type, per-image dims of every graph output, the dims from rainclf_onnx.json
     (``["batch", 2]`` → ``[2]``; the traced graph leaves some of them symbolic)."""
@@ -113,11 +137,13 @@ def config_pbtxt(name: str, spec, outputs: list[dict], max_batch_size: int, max_
         return (f'  {{\n    name: "{o["name"]}"\n    data_type: {o["data_type"]}\n'
                 f'    dims: [ {", ".join(map(str, dims))} ]{reshape}\n  }}')
 
-    return (f'# rainclf image -> p_rain ({spec.image_size} px, {spec.patches_per_image} patches of '
-            f'{spec.patch_dim} per image; preprocessing in rainclf_onnx.json "input")\n'
+    layout = ("3 channels, timm preprocessing" if getattr(spec, "kind", None) == "timm" else
+              f"{spec.patches_per_image} patches of {spec.patch_dim}")
+    return (f'# rainclf image -> p_rain ({spec.image_size} px, {layout} per image; preprocessing in '
+            f'rainclf_onnx.json "input")\n'
             f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch_size}\n'
             f'input [\n  {{\n    name: "{INPUT}"\n    data_type: TYPE_FP32\n'
-            f'    dims: [ {spec.patches_per_image}, {spec.patch_dim} ]\n  }}\n]\n'
+            f'    dims: [ {", ".join(map(str, input_dims(spec)))} ]\n  }}\n]\n'
             f'output [\n{(","+chr(10)).join(tensor(o) for o in outputs)}\n]\n'
             f'dynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n')
 

@@ -39,6 +39,11 @@ def open_export(path: str | Path) -> tuple[Path, OnnxMetadata]:
         raise ServeError(f"{directory}: {' '.join(str(e).split())}") from None
     if "image" not in meta.graphs:
         why = meta.not_exported.get("image")
+        if Path(directory) != Path(path) or Path(directory).name == "onnx":   # MODEL_DIR/onnx: export MODEL_DIR
+            fix = f"run: rainclf export {Path(directory).parent} --include-backbone"
+        else:   # an export folder: it cannot be re-exported, its model directory can
+            fix = ("run rainclf export MODEL_DIR --include-backbone on the model directory this export "
+                   "came from")
         raise ServeError(f"{directory} holds only the head graph (embeddings → p_rain), no image → label graph"
                          + (f" (the image graph failed to export: {why})" if why else "") + f" — {fix}")
     return directory, meta
