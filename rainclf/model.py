@@ -224,13 +224,35 @@ class FitResult:
 
 
 def backbone_for(config: ModelConfig, model_dir: Path, options: RunOptions) -> Backbone:
+    """The backbone config.json names. Remote code is allowed by ``options.trust_remote_code``
+    (this run's --trust-remote-code) only; whatever config.json records about it is ignored."""
+    from rainclf.backbones.base import BackboneError
+
     saved = config.backbone
     name = options.backbone or saved["name"]
-    backbone = create_backbone(name, BackboneOptions(
-        device=options.device, image_size=saved.get("image_size"), weights=saved.get("weights"),
-        trust_remote_code=bool(saved.get("trust_remote_code", False))))
+    needs_code = saved.get("kind") in REMOTE_CODE_KINDS or bool(saved.get("trust_remote_code"))
+    if needs_code and not options.trust_remote_code:
+        raise ModelDirError(remote_code_refusal(model_dir, name))
+    try:
+        backbone = create_backbone(name, BackboneOptions(
+            device=options.device, image_size=saved.get("image_size"), weights=saved.get("weights"),
+            trust_remote_code=options.trust_remote_code))
+    except BackboneError as e:
+        if not options.trust_remote_code and "--trust-remote-code" in str(e):
+            raise ModelDirError(remote_code_refusal(model_dir, name)) from None
+        raise
     check_backbone(config, backbone, model_dir)
     return backbone
+
+
+#: backbone kinds whose modelling code ships inside the checkpoint (backbones/chatglm.py)
+REMOTE_CODE_KINDS = ("chatglm",)
+
+
+def remote_code_refusal(model_dir, name: str) -> str:
+    return (f"{model_dir} needs remote code: its backbone {name} runs Python code shipped with the "
+            "checkpoint, which a model directory can never allow — pass --trust-remote-code on this "
+            "command line if you trust that checkpoint")
 
 
 def load_classifier(model_dir: str | Path, options: RunOptions | None = None):

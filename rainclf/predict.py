@@ -14,6 +14,7 @@ from typing import Sequence
 from rainclf.config import RunOptions
 from rainclf.data.images import describe_path, find_images
 from rainclf.heads.base import Row
+from rainclf.io import check_target
 from rainclf.model import load_classifier, read_metrics
 from rainclf.outputs import format_rows, output_format, write_rows  # noqa: F401 (format_rows: API)
 from rainclf.parallel.ddp import dist_context
@@ -97,6 +98,7 @@ def predict_local(inputs, model_dir, options: RunOptions | None = None, output=N
     options = options or RunOptions()
     if output is not None:
         output_format(output)  # refuse a bad -o before any work
+        check_target(output)   # a special file, a read-only folder, a name too long: before any work
     start = time.perf_counter()
     if isinstance(inputs, (str, Path)):
         paths, problems = find_images(inputs)
