@@ -6,6 +6,7 @@ Unreadable files become rows with an ``error`` and no label; the job goes on. Th
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,9 +108,9 @@ def predict_local(inputs, model_dir, options: RunOptions | None = None, output=N
     clf = classifier or open_classifier(model_dir, options, fallback, band, fallback_decoding)
     rows = clf.predict_paths(paths)
     # the error names the file, like the ImageError lines of unreadable images do
-    rows += [Row(path=describe_path(p), error=f"{describe_path(p)}: {msg}") for p, msg in problems]
-    for r in rows:  # a non-UTF-8 name would make the UTF-8 CSV/JSONL writer fail: show it as \xff
-        r.path = describe_path(r.path)
+    rows += [Row(path=str(p), error=f"{describe_path(p)}: {msg}") for p, msg in problems]
+    for r in rows:
+        settle_row(r)
     seconds = time.perf_counter() - start
     counts: dict[str, int] = {}
     for r in rows:
@@ -123,6 +124,17 @@ def predict_local(inputs, model_dir, options: RunOptions | None = None, output=N
     if output is not None:
         write_rows(rows, output)
     return PredictRun(rows, summary)
+
+
+def settle_row(r: Row) -> Row:
+    """A score that is not a finite number is an error, never a label; an error row says
+    ``source=error``."""
+    if r.p_rain is not None and not math.isfinite(r.p_rain):
+        r.error = f"{r.path}: the model gave a non-finite score ({r.p_rain}) for this image — no label"
+        r.label, r.p_rain = None, None
+    if r.error is not None and r.label is None:
+        r.source = "error"
+    return r
 
 
 def collapse_notes(model_dir) -> list[str]:

@@ -116,14 +116,18 @@ class LinearHead:
 
     @classmethod
     def load(cls, directory: str | Path) -> "LinearHead":
-        from safetensors import safe_open
+        from rainclf.weights import DAMAGED_FIX, check_finite, read_tensors
 
         path = Path(directory) / HEAD_FILE
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in f.keys()}
+        t, meta = read_tensors(path)
         if meta.get("head") != "linear" or set(t) != {"coef", "intercept", "mean", "scale"}:
-            raise ValueError(f"{path} is not a rainclf linear head")
+            raise ModelDirError(f"{path} is not a rainclf linear head — {DAMAGED_FIX}")
+        check_finite(path, t)
+        n = t["coef"].shape[0] if t["coef"].ndim == 1 else -1
+        if (n < 1 or t["mean"].shape != (n,) or t["scale"].shape != (n,) or t["intercept"].shape != (1,)
+                or not (t["scale"] > 0).all()):
+            raise ModelDirError(f"{path}: coef, mean, scale, intercept have inconsistent shapes or a "
+                                f"non-positive scale — {DAMAGED_FIX}")
         params = json.loads(meta.get("params", "{}"))
         head = cls(class_weight=params.get("class_weight"), cv=params.get("cv", 3))
         head.coef_, head.mean_, head.scale_ = t["coef"], t["mean"], t["scale"]
