@@ -30,28 +30,14 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
-class _UserPath(click.Path):
-    """click.Path that expands ``~`` (``--output=~/o.csv`` reaches us unexpanded by the shell)."""
-
-    def convert(self, value, param, ctx):
-        import os
-
-        return super().convert(os.path.expanduser(value) if isinstance(value, str) else value, param, ctx)
-
-
 class _Group(click.Group):
     """Every exception becomes one line and a documented exit status (rainclf/errors.py); a bug
     says so, with the traceback behind --debug / RAINCLF_DEBUG=1. Path options expand ``~``."""
 
     def get_command(self, ctx, cmd_name):
-        import copy
+        from rainclf.cli_options import expand_user_paths
 
-        cmd = super().get_command(ctx, cmd_name)
-        for p in getattr(cmd, "params", []):
-            if type(p.type) is click.Path:
-                p.type = copy.copy(p.type)
-                p.type.__class__ = _UserPath
-        return cmd
+        return expand_user_paths(super().get_command(ctx, cmd_name))
 
     def invoke(self, ctx):
         from rainclf.errors import classify, debug_enabled, first_line
@@ -254,7 +240,8 @@ def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, 
             click.echo(f"rainclf: skipped {r.error}", err=True)
     for note in run.summary.notes:
         click.echo(f"rainclf: {note}", err=True)
-    click.echo(run.summary.line() + (f" → {output}" if output else ""), err=True)
+    if not quiet:   # -q: rows, warnings and errors only
+        click.echo(run.summary.line() + (f" → {output}" if output else ""), err=True)
     if run.summary.predicted == 0:
         _fail("no image could be predicted", EXIT_NOTHING)
 

@@ -40,7 +40,7 @@ class PredictSummary:
         counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
         images = f"{self.images} image" + ("" if self.images == 1 else "s")
         text = (f"{images}: {self.predicted} predicted" + (f" ({counts})" if counts else "")
-                + f", {self.errors} errors, "
+                + f", {self.errors} error{'' if self.errors == 1 else 's'}, "
                 f"{self.seconds:.2f} s, {self.images_per_s:.1f} img/s")
         if self.random_weights:
             text += " — RANDOM-weight backbone: labels are meaningless"

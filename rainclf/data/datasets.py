@@ -301,11 +301,28 @@ def _read_text(src: Path) -> str:
         raise DataError(f"{describe_path(src)}: cannot read ({exc.strerror}) — check the path and permissions") from None
 
 
+CSV_DELIMITERS = ",;\t|"
+
+
+def csv_delimiter(text: str) -> str:
+    """The header line's delimiter: ``,`` unless the first non-blank line holds none of it but
+    ``;``, a tab or ``|`` (csv.Sniffer on that line)."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if "," in first or not any(d in first for d in CSV_DELIMITERS[1:]):
+        return ","
+    try:
+        return csv.Sniffer().sniff(first, delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        return next(d for d in CSV_DELIMITERS[1:] if d in first)
+
+
 def _csv_rows(src: Path, wanted: tuple[tuple[str, ...], ...]) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(line, [cell per wanted column])``; each entry of ``wanted`` lists accepted header
     names (case-insensitive), the first present wins."""
     name = describe_path(src)
-    reader = csv.reader(io.StringIO(_read_text(src), newline=""))
+    text = _read_text(src)
+    delimiter = csv_delimiter(text)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     columns: list[int] | None = None
     try:
         for row in reader:
@@ -318,7 +335,8 @@ def _csv_rows(src: Path, wanted: tuple[tuple[str, ...], ...]) -> Iterator[tuple[
                     idx = next((header.index(n) for n in names if n in header), None)
                     if idx is None:
                         raise DataError(f"{name}:{reader.line_num}: no {' / '.join(names)} column "
-                                        f"(header is {', '.join(row)}) — add it to the first line")
+                                        f"(header is {', '.join(row)}, read with delimiter {delimiter!r}) — "
+                                        "add it to the first line, or separate columns with ',' ';' or a tab")
                     columns.append(idx)
                 continue
             yield reader.line_num, [row[i].strip() if i < len(row) else "" for i in columns]
