@@ -79,7 +79,7 @@ def check(result, code: int):
     err = result.stderr
     assert "Traceback" not in err, err
     assert result.exit_code == code, (result.exit_code, err, result.exception)
-    errors = [line for line in err.splitlines() if line.startswith("rainclf: error:")]
+    errors = [line for line in err.splitlines() if line.startswith(("rainclf: error:", "Error: "))]
     if code not in (0,):
         assert len(errors) == 1, err
         assert "internal error" not in errors[0], err
@@ -466,7 +466,7 @@ OUTPUT_CASES = {
     "dev-null": (lambda tmp: Path("/dev/null"), EXIT_OUTPUT, "character device"),
     "fifo": (_fifo, EXIT_OUTPUT, "FIFO"),
     "socket": (_sock, EXIT_OUTPUT, "socket"),
-    "a-folder": (_dir, EXIT_OUTPUT, "folder"),
+    "a-folder": (_dir, EXIT_BAD_INPUT, "is a directory"),   # click's own usage check
     "parent-is-a-file": (_under_file, EXIT_OUTPUT, "not a folder"),
     "name-too-long": (lambda tmp: tmp / ("r" * 250 + ".csv"), EXIT_OUTPUT, "too long"),
     "bad-extension": (lambda tmp: tmp / "rows.txt", EXIT_BAD_INPUT, ".csv or .jsonl"),
