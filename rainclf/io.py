@@ -215,5 +215,11 @@ def atomic_dir(dest: str | Path, overwrite: bool = False):
 
 
 def log(msg: str, progress: bool = True) -> None:
+    """One ``rainclf:`` line on stderr, above any live progress bar (never on its line)."""
     if progress:
-        print(f"rainclf: {msg}", file=sys.stderr)
+        if "tqdm" in sys.modules:
+            from tqdm import tqdm
+
+            tqdm.write(f"rainclf: {msg}", file=sys.stderr)
+        else:
+            print(f"rainclf: {msg}", file=sys.stderr)
