@@ -85,7 +85,13 @@ def read_config(model_dir: str | Path) -> ModelConfig:
         raise ModelDirError(f"{model_dir}: no such model directory (make one with: rainclf fit DATA -o {model_dir})")
     if not path.is_file():
         raise ModelDirError(f"{model_dir} has no {CONFIG_FILE}: not a rainclf model directory")
-    return ModelConfig.from_json(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ModelDirError(f"{path}: cannot read ({e.strerror}) — make it readable or run as its owner") from None
+    except UnicodeDecodeError:
+        raise ModelDirError(f"{path}: not UTF-8 text — the model directory is damaged; restore it or refit") from None
+    return ModelConfig.from_json(text, str(path))
 
 
 def read_metrics(model_dir: str | Path) -> dict:
