@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import stat
 import sys
@@ -115,6 +116,18 @@ def check_target(dest: str | Path, is_dir: bool = False) -> Path:
     return dest
 
 
+def as_os_error(e: BaseException) -> OSError | None:
+    """``e`` itself if an OSError; the OSError inside a library's own error type (safetensors
+    reports a full disk as "SafetensorError: … I/O error: … (os error 28)"); else None."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, Exception):
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m:
+            return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+    return None
+
+
 def _ours(e: OSError, *paths: Path) -> bool:
     """Did ``e`` happen writing one of ``paths`` (or inside one), not reading some input?"""
     if e.filename is None:
@@ -141,8 +154,9 @@ def atomic_file(dest: str | Path, mode: str = "w", encoding: str | None = "utf-8
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, OSError) and _ours(e, dest, tmp, dest.parent):
-            raise output_error(dest, e) from e
+        oe = as_os_error(e)
+        if oe is not None and _ours(oe, dest, tmp, dest.parent):
+            raise output_error(dest, oe) from e
         raise
 
 
@@ -209,8 +223,9 @@ def atomic_dir(dest: str | Path, overwrite: bool = False):
         replace_dir(tmp, dest)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and _ours(e, dest, tmp):
-            raise output_error(dest, e) from e
+        oe = as_os_error(e)
+        if oe is not None and _ours(oe, dest, tmp):
+            raise output_error(dest, oe) from e
         raise
 
 

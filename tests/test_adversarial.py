@@ -728,3 +728,55 @@ def test_onnx_intact_export_predicts_every_file(exported, cache, tmp_path):
     err = check(cli("predict", SAMPLE / "predict", "--model", exported, "--engine", "onnx", "-o", out,
                     "--cache-dir", cache, "--device", "cpu"), 0)
     assert len(rows_of(out)) == 10 and "CPUExecutionProvider" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# a real file-size limit (ulimit -f), in a subprocess: one line, exit 3, nothing partial
+
+
+@pytest.mark.parametrize("command", ["predict", "fit"])
+def test_file_size_limit(command, model, cache, tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / ("rows.csv" if command == "predict" else "m")
+    args = (["predict", SAMPLE / "train", "--model", model, "-o", out] if command == "predict" else
+            ["fit", SAMPLE / "train", "-o", out, "--backbone", "glm4v-tiny"])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "rainclf.cli", *map(str, args), "--cache-dir", str(cache),
+                           "--device", "cpu", "-q"], capture_output=True, text=True, env=env, timeout=600,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)))
+    assert proc.returncode == EXIT_OUTPUT, proc.stderr
+    assert "Traceback" not in proc.stderr and "File too large" in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("rainclf: error:")] != []
+    assert os.listdir(tmp_path) == []   # nothing partial, no temporary entry
+
+
+def test_reader_never_sees_no_model_during_overwrites(tmp_path):
+    """A reader polling MODEL/config.json while it is replaced 40 times sees old or new, never nothing."""
+    import threading
+
+    from rainclf.io import atomic_dir
+
+    dest = tmp_path / "m"
+    with atomic_dir(dest) as tmp:
+        (tmp / "config.json").write_text("0")
+    stop, seen, missing = threading.Event(), set(), []
+
+    def read():
+        while not stop.is_set():
+            try:
+                seen.add((dest / "config.json").read_text())
+            except FileNotFoundError:
+                missing.append(1)
+
+    t = threading.Thread(target=read)
+    t.start()
+    for i in range(1, 41):
+        with atomic_dir(dest, overwrite=True) as tmp:
+            (tmp / "config.json").write_text(str(i))
+    stop.set()
+    t.join()
+    assert missing == [] and (dest / "config.json").read_text() == "40" and len(seen) > 1
+    assert sorted(os.listdir(tmp_path)) == ["m"]
