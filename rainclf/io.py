@@ -34,6 +34,7 @@ TMP_PREFIX = ".rainclf-tmp-"
 OLD_PREFIX = ".rainclf-old-"       # a replaced directory waiting to be deleted: never swept
 STALE_SECONDS = 3600.0
 _RENAME_EXCHANGE = 2
+SYSTEM_DIRS = ("/dev", "/proc", "/sys")   # device and kernel nodes: never an output (-o - is stdout)
 
 
 def tmp_name(dest: Path, prefix: str = TMP_PREFIX) -> Path:
@@ -80,9 +81,18 @@ def normalise_modes(root: Path) -> None:
 
 def check_target(dest: str | Path, is_dir: bool = False) -> Path:
     """Refuse, before any work, an output that cannot be written: a special file (device, FIFO,
-    socket), a folder where a file is wanted (or a file where a folder is), a folder we may not
-    write into, a name too long once the temporary prefix is added. Creates nothing."""
+    socket, anything under /dev, /proc or /sys — /dev/stdout included), a folder where a file is
+    wanted (or a file where a folder is), a folder we may not write into, a name too long once the
+    temporary prefix is added. Creates nothing. Returns the path to write: a symbolic link to a
+    file is written through (the link stays)."""
     dest = Path(dest)
+    for where in (os.path.abspath(dest), os.path.realpath(dest)):   # /dev/stdout, and links into /dev
+        top = next((d for d in SYSTEM_DIRS if where == d or where.startswith(d + os.sep)), None)
+        if top is not None:
+            raise OutputError(f"cannot write {dest}: it is under {top}, where rainclf never replaces anything "
+                              "— name a regular file elsewhere, or -o - for stdout")
+    if not is_dir and os.path.islink(dest):
+        dest = Path(os.path.realpath(dest))   # write through a link to a file: the link itself stays
     try:
         st = os.stat(dest)
     except FileNotFoundError:
@@ -109,10 +119,11 @@ def check_target(dest: str | Path, is_dir: bool = False) -> Path:
         name_max = os.pathconf(ancestor, "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    longest = max(len(tmp_name(dest, p).name.encode("utf-8", "surrogateescape")) for p in (TMP_PREFIX, OLD_PREFIX))
-    if longest > name_max:
-        raise OutputError(f"cannot write {dest}: the name is too long ({len(dest.name.encode('utf-8', 'surrogateescape'))} "
-                          f"bytes; with rainclf's temporary prefix it must stay under {name_max - longest + len(dest.name.encode('utf-8', 'surrogateescape'))}) — choose a shorter name")
+    size = len(dest.name.encode("utf-8", "surrogateescape"))
+    extra = max(len(tmp_name(dest, p).name.encode("utf-8", "surrogateescape")) for p in (TMP_PREFIX, OLD_PREFIX)) - size
+    if size + extra > name_max:
+        raise OutputError(f"cannot write {dest}: the name is too long once rainclf's temporary prefix is "
+                          f"added ({size} bytes; at most {name_max - extra} here) — choose a shorter name")
     return dest
 
 

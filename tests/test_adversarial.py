@@ -463,7 +463,9 @@ def _under_file(tmp):
 
 
 OUTPUT_CASES = {
-    "dev-null": (lambda tmp: Path("/dev/null"), EXIT_OUTPUT, "character device"),
+    "dev-null": (lambda tmp: Path("/dev/null"), EXIT_OUTPUT, "under /dev"),
+    "dev-stdout": (lambda tmp: Path("/dev/stdout"), EXIT_OUTPUT, "under /dev"),
+    "link-to-dev-null": (lambda tmp: (tmp / "l.csv").symlink_to("/dev/null") or tmp / "l.csv", EXIT_OUTPUT, "under /dev"),
     "fifo": (_fifo, EXIT_OUTPUT, "FIFO"),
     "socket": (_sock, EXIT_OUTPUT, "socket"),
     "a-folder": (_dir, EXIT_BAD_INPUT, "is a directory"),   # click's own usage check
@@ -485,6 +487,13 @@ def test_outputs_refused(case, model, cache, tmp_path):
     assert snapshot(tmp_path) == before
     if kind is not None:
         assert stat.S_IFMT(os.lstat(target).st_mode) == kind   # the node is still what it was
+
+
+def test_link_to_a_file_is_written_through(model, cache, tmp_path):
+    (tmp_path / "link.csv").symlink_to("real.csv")
+    check(cli("predict", SAMPLE / "predict", "--model", model, "-o", tmp_path / "link.csv", "--cache-dir", cache,
+              "--device", "cpu", "-q"), 0)
+    assert (tmp_path / "link.csv").is_symlink() and len(rows_of(tmp_path / "real.csv")) == 10
 
 
 def test_dash_writes_stdout(model, cache, tmp_path):
