@@ -789,3 +789,27 @@ def test_reader_never_sees_no_model_during_overwrites(tmp_path):
     t.join()
     assert missing == [] and (dest / "config.json").read_text() == "40" and len(seen) > 1
     assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+@pytest.mark.parametrize("cuda_loads, expected", [(True, ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+                                                  (False, ["CPUExecutionProvider"])])
+def test_cuda_is_asked_for_only_when_its_libraries_load(cuda_loads, expected, monkeypatch):
+    """onnxruntime-gpu on a host without CUDA libraries: CPU, quietly (no red error per session)."""
+    import onnxruntime
+
+    from rainclf.onnx import providers
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(providers, "_cuda_state", {"reason": None if cuda_loads else "libcublasLt.so.12: cannot open"})
+    assert providers.choose_providers() == expected
+
+
+def test_cuda_probe_on_this_host_is_quiet(capfd):
+    from rainclf.onnx import providers
+
+    providers._cuda_state.clear()
+    reason = providers.cuda_unusable_reason()
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert reason is None or isinstance(reason, str)
