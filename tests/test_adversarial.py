@@ -136,10 +136,6 @@ def _jpeg() -> bytes:
     return _encoded("JPEG", quality=85)
 
 
-def _write(name):
-    return lambda folder, data: (folder / name).write_bytes(data)
-
-
 # name → (file name (str or bytes), bytes maker, predicted?)
 IMAGE_CASES = {
     "empty-jpg": ("empty.jpg", lambda: b"", False),

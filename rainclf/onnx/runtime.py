@@ -3,7 +3,9 @@
     InputSpec, OnnxMetadata   rainclf_onnx.json (``onnx/format.py``; the exporter writes it)
     pixel_values              RGB images → the GLM-4V image processor's flat patches, in numpy
     timm_pixel_values         RGB images → timm's eval transform (resize, centre crop, mean/std), in numpy
-    choose_providers          CUDA → CPU, or the providers the caller names
+    choose_providers          CUDA (only when its libraries load: onnx/providers.py) → CPU, or the
+                              providers the caller names
+    check_graph               a graph's inputs/outputs against rainclf_onnx.json (at load)
     OnnxClassifier            from_dir(path).predict(images_or_paths) → one dict per input:
                               path, label, p_rain, error (a bad file is an error entry, never a crash)
 
