@@ -809,3 +809,11 @@ def test_cuda_probe_on_this_host_is_quiet(capfd):
     out, err = capfd.readouterr()
     assert out == "" and err == ""
     assert reason is None or isinstance(reason, str)
+
+
+@pytest.mark.parametrize("errors, words", [(0, ", 0 errors,"), (1, ", 1 error,"), (2, ", 2 errors,")])
+def test_summary_counts_errors_in_words(errors, words):
+    from rainclf.predict import PredictSummary
+
+    line = PredictSummary(images=3, predicted=3 - errors, errors=errors, seconds=1.0, random_weights=False).line()
+    assert words in line
