@@ -96,7 +96,16 @@ def read_config(model_dir: str | Path) -> ModelConfig:
 
 def read_metrics(model_dir: str | Path) -> dict:
     path = Path(model_dir) / METRICS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelDirError(f"{path}: cannot be read ({type(e).__name__}) — the model directory is damaged; "
+                            "restore it or refit") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: not a JSON object — the model directory is damaged; restore it or refit")
+    return data
 
 
 def write_common_files(directory: Path, config: ModelConfig, metrics: dict, seen: tuple | None = None) -> None:

@@ -30,7 +30,7 @@ def check_header(path: Path) -> None:
             raise ModelDirError(f"{path}: header claims {n} bytes but the file has {size} — truncated; {DAMAGED_FIX}")
         try:
             header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise ModelDirError(f"{path}: malformed safetensors header — {DAMAGED_FIX}") from None
     if not isinstance(header, dict):
         raise ModelDirError(f"{path}: malformed safetensors header — {DAMAGED_FIX}")

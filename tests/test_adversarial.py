@@ -255,6 +255,7 @@ DATA_CASES = {
     "jsonl-not-object": _jsonl("[1, 2]\n"),
     "jsonl-no-image": _jsonl('{"label": "会下雨"}\n'),
     "jsonl-two-images": _jsonl('{"images": ["a.jpg", "a.jpg"], "label": "会下雨"}\n'),
+    "jsonl-nested-too-deeply": _jsonl("[" * 10 ** 5 + "]" * 10 ** 5 + "\n"),
     "jsonl-bad-messages": _jsonl('{"messages": "hi", "images": ["a.jpg"]}\n'),
     "folder-not-labels": _folder("cats", "dogs"),
     "folder-empty": _folder(),
@@ -324,6 +325,18 @@ def _head_tensors(**changes):
     return damage
 
 
+def _head_meta(**changes):
+    def damage(m: Path):
+        from safetensors import safe_open
+        from safetensors.numpy import save_file
+
+        p = m / "head.safetensors"
+        with safe_open(str(p), framework="numpy") as f:
+            meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        save_file(t, str(p), metadata={**meta, **changes})
+    return damage
+
+
 def _header_with(fn):
     """Rewrite the JSON header of head.safetensors (same data bytes)."""
     def damage(m: Path):
@@ -364,6 +377,8 @@ MODEL_CASES = {
     "no-config": (_remove("config.json"), "config.json"),
     "config-not-json": (lambda m: (m / "config.json").write_text("{oops", encoding="utf-8"), "not valid JSON"),
     "config-newer-format": (_set_config(format_version=99), "newer rainclf"),
+    "config-nested-too-deeply": (lambda m: (m / "config.json").write_text("[" * 10 ** 5 + "]" * 10 ** 5), "too deeply"),
+    "metrics-not-json": (lambda m: (m / "metrics.json").write_text("{bad"), "metrics.json"),
     "config-unknown-key": (_set_config(evil=1), "unknown keys"),
     "config-bad-threshold": (_set_config(threshold=1.5), "threshold"),
     "config-unknown-head": (_set_config(head="magic"), "unknown"),
@@ -379,6 +394,7 @@ MODEL_CASES = {
     "head-random-bytes": (_head_bytes(lambda b: np.random.default_rng(3).bytes(len(b))), "head.safetensors"),
     "head-nan-coef": (_head_tensors(coef=lambda a: np.full_like(a, np.nan)), "NaN"),
     "head-inf-mean": (_head_tensors(mean=lambda a: np.where(np.arange(a.size) == 0, np.inf, a)), "NaN or infinite"),
+    "head-metadata-malformed": (_head_meta(params="{oops"), "malformed header metadata"),
     "head-zero-scale": (_head_tensors(scale=lambda a: np.zeros_like(a)), "scale"),
     "head-wrong-shape": (_head_tensors(mean=lambda a: a[:3]), "shapes"),
     "remote-code-chatglm": (_remote_code("chatglm"), "--trust-remote-code"),

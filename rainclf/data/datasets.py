@@ -162,7 +162,7 @@ def _from_json(src: Path) -> list[Example]:
     """A ``.json`` file holding a list of records (ms-swift allows this); JSONL named .json works."""
     try:
         obj = json.loads(_read_text(src))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return _from_jsonl(src)  # one object per line under a .json name
     if isinstance(obj, dict):
         return _from_jsonl(src)  # a one-line JSONL: line numbers still apply
@@ -189,6 +189,9 @@ def _jsonl_records(src: Path) -> Iterator[tuple[int, Any]]:
             yield n, json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{name}:{n}: malformed JSON ({exc.msg} at column {exc.colno}) — "
+                            "fix the line; JSONL holds one JSON object per line") from None
+        except RecursionError:
+            raise DataError(f"{name}:{n}: malformed JSON (nested too deeply) — "
                             "fix the line; JSONL holds one JSON object per line") from None
 
 

@@ -128,13 +128,19 @@ class LinearHead:
                 or not (t["scale"] > 0).all()):
             raise ModelDirError(f"{path}: coef, mean, scale, intercept have inconsistent shapes or a "
                                 f"non-positive scale — {DAMAGED_FIX}")
-        params = json.loads(meta.get("params", "{}"))
+        try:
+            params = json.loads(meta.get("params", "{}"))
+            trained_on = json.loads(meta["extraction"]) if "extraction" in meta else None
+        except (ValueError, RecursionError):
+            raise ModelDirError(f"{path}: malformed header metadata — {DAMAGED_FIX}") from None
+        if not isinstance(params, dict) or not isinstance(trained_on, (dict, type(None))):
+            raise ModelDirError(f"{path}: malformed header metadata — {DAMAGED_FIX}")
         head = cls(class_weight=params.get("class_weight"), cv=params.get("cv", 3))
         head.coef_, head.mean_, head.scale_ = t["coef"], t["mean"], t["scale"]
         head.intercept_ = float(t["intercept"][0])
         head.C_ = float(meta.get("C", "nan"))
         # what the embeddings were extracted with (embed.extract.extraction_namespace); None if not recorded
-        head.trained_on_ = json.loads(meta["extraction"]) if "extraction" in meta else None
+        head.trained_on_ = trained_on
         head.n_features_in_ = head.coef_.shape[0]
         head.classes_ = np.array(LABELS)
         return head
