@@ -118,18 +118,18 @@ def _from_folder(src: Path) -> list[Example]:
             entries = sorted(it, key=lambda e: os.fsencode(e.name))
     except OSError as exc:
         raise DataError(f"{name}: cannot read folder ({exc.strerror}) — check the path and permissions") from None
-    dirs = [e for e in entries if not e.name.startswith(".") and e.is_dir()]
+    dirs = [e for e in entries if not e.name.startswith(".") and _entry_is(e, "dir")]
     label_dirs = [(e, normalise_label(e.name)) for e in dirs]
     bad = [describe_path(e.name) for e, label in label_dirs if label is None]
     if bad:
         # e.g. shared/weather/: images/ beside train.jsonl and manifest.csv
-        tables = [e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in (".jsonl", ".csv")]
+        tables = [e.name for e in entries if _entry_is(e, "file") and Path(e.name).suffix.lower() in (".jsonl", ".csv")]
         hint = f", or pass {describe_path(src / tables[0])} instead" if tables else ""
         raise DataError(f"{name}: subfolder(s) {', '.join(bad)} are not labels — name the label "
                         f"folders 会下雨 and 不会下雨 (aliases rain/no_rain){hint}")
     if not label_dirs:
         raise DataError(f"{name}: no label subfolders — put the images in {name}/会下雨/ and {name}/不会下雨/")
-    loose = [e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS]
+    loose = [e.name for e in entries if _entry_is(e, "file") and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS]
     if loose:
         raise DataError(f"{name}: {len(loose)} image(s) outside the label subfolders "
                         f"(e.g. {describe_path(loose[0])}) — move them into 会下雨/ or 不会下雨/")
@@ -302,6 +302,14 @@ def _read_text(src: Path) -> str:
         raise DataError(f"{describe_path(src)}: not UTF-8 text — save the file as UTF-8") from None
     except OSError as exc:
         raise DataError(f"{describe_path(src)}: cannot read ({exc.strerror}) — check the path and permissions") from None
+
+
+def _entry_is(entry, kind: str) -> bool:
+    """``entry.is_dir()`` / ``is_file()``, False for a symlink loop (which raises ELOOP)."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError:
+        return False
 
 
 CSV_DELIMITERS = ",;\t|"
