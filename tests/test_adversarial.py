@@ -189,6 +189,29 @@ def test_images(case, model, cache, tmp_path):
         assert os.fsencode(row["path"]) == os.fsencode(target)
 
 
+SPECIAL_ENTRIES = {
+    "fifo": lambda p: os.mkfifo(p),
+    "dangling-symlink": lambda p: p.symlink_to(p.parent / "nowhere.jpg"),
+    "symlink-loop": lambda p: p.symlink_to(p),
+    "socket": lambda p: socket.socket(socket.AF_UNIX).bind(str(p)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPECIAL_ENTRIES))
+def test_special_entries_in_a_folder(case, model, cache, tmp_path):
+    """A FIFO (never opened: no hang), a socket or a broken link among the photos: an error row."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(SAMPLE / "predict" / sorted(os.listdir(SAMPLE / "predict"))[0], folder / "good.jpg")
+    SPECIAL_ENTRIES[case](folder / "odd.jpg")
+    out = tmp_path / "rows.csv"
+    check(cli("predict", folder, "--model", model, "-o", out, "--cache-dir", cache, "--device", "cpu", "-q"), 0)
+    rows = {Path(r["path"]).name: r for r in rows_of(out)}
+    assert sorted(rows) == ["good.jpg", "odd.jpg"]
+    assert rows["good.jpg"]["label"] and rows["odd.jpg"]["label"] == "" and rows["odd.jpg"]["source"] == "error"
+    assert os.path.lexists(folder / "odd.jpg")
+
+
 def test_paths_round_trip_in_csv(model, cache, tmp_path):
     """A newline in a name vs a literal backslash-n, and a non-UTF-8 name: distinct in CSV too."""
     folder = tmp_path / "photos"
