@@ -33,6 +33,9 @@ from rainclf.errors import OutputError, output_error
 TMP_PREFIX = ".rainclf-tmp-"
 OLD_PREFIX = ".rainclf-old-"       # a replaced directory waiting to be deleted: never swept
 STALE_SECONDS = 3600.0
+#: the files of a model directory written last (model.write_common_files): a leftover holding all
+#: of them is a complete model, never deleted by the sweep
+COMPLETE_MODEL = ("config.json", "metrics.json", "README.md")
 _RENAME_EXCHANGE = 2
 SYSTEM_DIRS = ("/dev", "/proc", "/sys")   # device and kernel nodes: never an output (-o - is stdout)
 
@@ -55,8 +58,16 @@ def sweep_stale(folder: Path, older_than: float = STALE_SECONDS) -> list[Path]:
             kept.append(p)
         elif p.name.startswith(TMP_PREFIX):
             try:
-                if now - p.lstat().st_mtime > older_than:
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                if now - p.lstat().st_mtime <= older_than:
+                    continue
+                if p.is_dir() and not p.is_symlink() and all((p / f).is_file() for f in COMPLETE_MODEL):
+                    # a complete model (an older rainclf's interrupted --overwrite put the previous
+                    # one here): kept under the name that is never swept, and reported
+                    kept_as = p.parent / (OLD_PREFIX + p.name[len(TMP_PREFIX):])
+                    os.replace(p, kept_as)
+                    kept.append(kept_as)
+                    continue
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             except OSError:
                 pass
     return kept

@@ -856,3 +856,19 @@ def test_summary_counts_errors_in_words(errors, words):
 
     line = PredictSummary(images=3, predicted=3 - errors, errors=errors, seconds=1.0, random_weights=False).line()
     assert words in line
+
+
+def test_sweep_never_deletes_a_complete_model_left_by_an_older_rainclf(model, tmp_path):
+    """An older rainclf's killed --overwrite left the previous model under .rainclf-tmp-*: kept."""
+    from rainclf.io import sweep_stale
+
+    left = tmp_path / f"{TMP_PREFIX}m.123.abcdef"
+    shutil.copytree(model, left)
+    half = tmp_path / f"{TMP_PREFIX}n.124.abcdef"   # a half-written one: swept
+    half.mkdir()
+    (half / "config.json").write_text("{")
+    for p in (left, half):
+        os.utime(p, (0, 0))
+    (kept,) = sweep_stale(tmp_path)
+    assert kept.name.startswith(OLD_PREFIX) and snapshot(kept) == snapshot(model)
+    assert sorted(os.listdir(tmp_path)) == [kept.name]
