@@ -121,7 +121,7 @@ def classify(e: BaseException) -> tuple[int, str] | None:
             return None
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
             return EXIT_OUTPUT, first_line(output_error(name, e))
-        return EXIT_BAD_INPUT, f"{name}: {e.strerror or e}"
+        return EXIT_BAD_INPUT, f"{name}: {e.strerror or e} — check the path and its permissions"
     if isinstance(e, ValueError) and raised_by_rainclf(e):
         return EXIT_BAD_INPUT, first_line(e)
     return None
