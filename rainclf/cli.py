@@ -1,11 +1,13 @@
 """The ``rainclf`` command line: one click group, each command parses options, calls one library
 function (the same one the tests call) and prints.
 
-Exit status (all commands):
+Exit status (all commands; rainclf/errors.py says which exception gets which):
   0  success (predict: at least one image was predicted)
   1  the job ran but produced nothing usable (predict: no image could be predicted)
   2  bad usage or bad input: unknown option, missing/empty folder, bad data file, model directory
      that does not fit the backbone, … — one line on stderr says what and how to fix it
+  3  an output could not be written (missing or read-only folder, disk full, special file as -o)
+  70 internal error (a bug): "internal error, please report"; --debug shows the traceback
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from rainclf.backbones.base import DEFAULT_BACKBONE
 from rainclf.cli_options import FitCommand, apply_options, cache_dir_choice, common_run, given, show_progress
 from rainclf.data.groups import DEFAULT_THRESHOLD
 
-EXIT_NOTHING = 1
-EXIT_BAD_INPUT = 2
+from rainclf.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NOTHING, EXIT_OUTPUT  # noqa: F401
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
@@ -29,29 +30,41 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
-def _user_errors():
-    """Exception types that mean 'the user's input is wrong' (→ one line, exit 2)."""
-    from rainclf.backbones.base import BackboneError
-    from rainclf.data.datasets import DataError
-    from rainclf.data.images import ImageError
-    from rainclf.model import ModelDirError
-
-    return (BackboneError, DataError, ImageError, ModelDirError, FileExistsError, ValueError)
-
-
 class _Group(click.Group):
+    """Every exception becomes one line and a documented exit status (rainclf/errors.py); a bug
+    says so, with the traceback behind --debug / RAINCLF_DEBUG=1. Path options expand ``~``."""
+
+    def get_command(self, ctx, cmd_name):
+        from rainclf.cli_options import expand_user_paths
+
+        return expand_user_paths(super().get_command(ctx, cmd_name))
+
     def invoke(self, ctx):
+        from rainclf.errors import classify, debug_enabled, first_line
+
         try:
             return super().invoke(ctx)
-        except _user_errors() as e:
-            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except KeyboardInterrupt:
-            _fail("interrupted (nothing half-written was left behind)", 130)
+            _fail("interrupted (nothing half-written was left behind)", EXIT_INTERRUPTED)
+        except Exception as e:
+            debug = debug_enabled(bool(ctx.params.get("debug")))
+            if debug:
+                import traceback
+
+                click.echo(traceback.format_exc().rstrip(), err=True)
+            known = classify(e)
+            if known is not None:
+                _fail(known[1], known[0])
+            _fail(f"internal error, please report: {type(e).__name__}: {first_line(e)}"
+                  + ("" if debug else " (rerun with --debug or RAINCLF_DEBUG=1 for the traceback)"), EXIT_INTERNAL)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rainclf")
-def main():
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also: RAINCLF_DEBUG=1).")
+def main(debug):
     """rainclf: tell 会下雨 (will rain) from 不会下雨 (won't rain) in sky photos.
 
     A classification head on frozen GLM-4V embeddings: it can only answer one of the two labels.
@@ -196,9 +209,11 @@ def fit(ctx, data, out_dir, backbone, feature, layer, prompt, head, val_split, s
               help="LO,HI: head p_rain inside [LO, HI] goes to --fallback.")
 @click.option("--fallback-decoding", type=click.Choice(["greedy", "sample", "constrained"]),
               default="constrained", show_default=True)
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow a backbone that ships Python code (ChatGLM glm-4v-9b); a model directory never can.")
 @apply_options(common_run)
 def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, top_p, seed, fallback,
-            band, fallback_decoding, device, batch_size, cache_dir, no_cache, quiet):
+            band, fallback_decoding, trust_remote_code, device, batch_size, cache_dir, no_cache, quiet):
     """Label every image under INPUTS (a folder, searched recursively, or one file).
 
     Finds .jpg .jpeg .png .webp .bmp .gif (any case). A file that cannot be read becomes a row with an
@@ -210,9 +225,11 @@ def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, 
     from rainclf.outputs import format_rows
     from rainclf.predict import predict as run_predict
 
+    if output == "-":   # stdout, asked for by name: the only way to write to a stream
+        output = None
     opts = RunOptions(device=device, batch_size=batch_size, cache_dir=cache_dir_choice(no_cache, cache_dir),
                       progress=show_progress(quiet), backbone=backbone, engine=engine, decoding=decoding,
-                      temperature=temperature, top_p=top_p, seed=seed)
+                      temperature=temperature, top_p=top_p, seed=seed, trust_remote_code=trust_remote_code)
     run = run_predict(inputs, model_dir, opts, output=output, fallback=fallback,
                       band=parse_band(band), fallback_decoding=fallback_decoding)
     if run is None:  # not rank 0: its shard is written; rank 0 merges and reports
@@ -224,7 +241,8 @@ def predict(inputs, model_dir, output, backbone, engine, decoding, temperature, 
             click.echo(f"rainclf: skipped {r.error}", err=True)
     for note in run.summary.notes:
         click.echo(f"rainclf: {note}", err=True)
-    click.echo(run.summary.line() + (f" → {output}" if output else ""), err=True)
+    if not quiet:   # -q: rows, warnings and errors only
+        click.echo(run.summary.line() + (f" → {output}" if output else ""), err=True)
     if run.summary.predicted == 0:
         _fail("no image could be predicted", EXIT_NOTHING)
 
@@ -353,10 +371,12 @@ def serve_cmd(model_dir, **options):
               help="Generated answers with a label inside other text count with that label (default: exact answers only).")
 @click.option("--no-plots", is_flag=True, help="Reports without plots (no matplotlib needed).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow a backbone that ships Python code (ChatGLM glm-4v-9b); a model directory never can.")
 @apply_options(common_run)
 def evaluate_cmd(data, model_dirs, out_dir, fallback, band, fallback_decoding, decodings, temperature, top_p,
                  seed, max_new_tokens, timing, warmup, repeats, one_model_at_a_time, lenient, no_plots, overwrite,
-                 device, batch_size, cache_dir, no_cache, quiet):
+                 trust_remote_code, device, batch_size, cache_dir, no_cache, quiet):
     """Run every --model (and each head + --fallback) on the labelled images of DATA; write
     metrics.json, predictions/<model>.csv, report.md and one self-contained report.html.
 
@@ -369,7 +389,8 @@ def evaluate_cmd(data, model_dirs, out_dir, fallback, band, fallback_decoding, d
 
     opts = RunOptions(device=device, batch_size=batch_size, cache_dir=cache_dir_choice(no_cache, cache_dir),
                       progress=show_progress(quiet),
-                      temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
+                      temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens,
+                      trust_remote_code=trust_remote_code)
     metrics = evaluate(data, list(model_dirs), out_dir, opts, fallback=fallback, band=parse_band(band),
                        decodings=list(decodings) or None, fallback_decoding=fallback_decoding, timing=timing,
                        warmup=warmup, overwrite=overwrite, plots=not no_plots, lenient=lenient, repeats=repeats,

@@ -78,3 +78,23 @@ class FitCommand(SectionedCommand):
                                  "train_batch_size", "grad_accum", "eval_every", "patience", "precision",
                                  "force_fp16")},
     }
+
+
+class UserPath(click.Path):
+    """click.Path that expands ``~`` (``--output=~/o.csv`` reaches us unexpanded by the shell)."""
+
+    def convert(self, value, param, ctx):
+        import os
+
+        return super().convert(os.path.expanduser(value) if isinstance(value, str) else value, param, ctx)
+
+
+def expand_user_paths(cmd):
+    """Every plain click.Path parameter of ``cmd`` becomes a ``UserPath`` (once)."""
+    import copy
+
+    for p in getattr(cmd, "params", []):
+        if type(p.type) is click.Path:
+            p.type = copy.copy(p.type)
+            p.type.__class__ = UserPath
+    return cmd

@@ -69,6 +69,9 @@ class RunOptions:
     # graph of a linear or LoRA head, or the head graph behind torch embeddings)
     engine: str = "torch"
     providers: list | None = None
+    # only this run's command line (--trust-remote-code) may let a checkpoint run its own Python
+    # code; a model directory's config.json never can (it is data a user downloads)
+    trust_remote_code: bool = False
 
 
 #: fit options only some heads read (FitOptions field → heads). ``fit --help`` lists them under

@@ -24,7 +24,7 @@ from rainclf.data.datasets import (
 )
 from rainclf.data.groups import check_conflicts, find_groups, image_facts
 from rainclf.heads import DISTRIBUTED_HEADS, head_fitter, head_options_check
-from rainclf.io import log
+from rainclf.io import check_target, log
 from rainclf.labels import LABELS
 from rainclf.model import FitResult
 from rainclf.parallel.ddp import dist_context
@@ -70,6 +70,7 @@ def fit(data: str | Path, out_dir: str | Path, options: FitOptions | None = None
             "`rainclf fit DATA -o OUT` in one process: every embedding is a cache hit")
     if Path(out_dir).exists() and not options.overwrite:
         raise FileExistsError(f"{out_dir} already exists: choose another -o or pass --overwrite")
+    check_target(out_dir, is_dir=True)   # before the long part, not after it
     if ctx.is_distributed and not ctx.is_main:
         options = replace(options, progress=False)   # one log, from rank 0
     train, val = prepare_data(data, options)

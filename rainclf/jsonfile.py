@@ -20,6 +20,8 @@ def read_versioned(cls, text: str, source: str, error: type[Exception], newest: 
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{source}: not valid JSON ({e.msg}, line {e.lineno}) — {damaged_fix}") from None
+    except RecursionError:
+        raise error(f"{source}: not valid JSON (nested too deeply) — {damaged_fix}") from None
     if not isinstance(data, dict) or not isinstance(data.get("format_version"), int):
         raise error(f"{source}: no format_version — not a {what}")
     version = data["format_version"]

@@ -85,12 +85,27 @@ def read_config(model_dir: str | Path) -> ModelConfig:
         raise ModelDirError(f"{model_dir}: no such model directory (make one with: rainclf fit DATA -o {model_dir})")
     if not path.is_file():
         raise ModelDirError(f"{model_dir} has no {CONFIG_FILE}: not a rainclf model directory")
-    return ModelConfig.from_json(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ModelDirError(f"{path}: cannot read ({e.strerror}) — make it readable or run as its owner") from None
+    except UnicodeDecodeError:
+        raise ModelDirError(f"{path}: not UTF-8 text — the model directory is damaged; restore it or refit") from None
+    return ModelConfig.from_json(text, str(path))
 
 
 def read_metrics(model_dir: str | Path) -> dict:
     path = Path(model_dir) / METRICS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelDirError(f"{path}: cannot be read ({type(e).__name__}) — the model directory is damaged; "
+                            "restore it or refit") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: not a JSON object — the model directory is damaged; restore it or refit")
+    return data
 
 
 def write_common_files(directory: Path, config: ModelConfig, metrics: dict, seen: tuple | None = None) -> None:
@@ -224,13 +239,35 @@ class FitResult:
 
 
 def backbone_for(config: ModelConfig, model_dir: Path, options: RunOptions) -> Backbone:
+    """The backbone config.json names. Remote code is allowed by ``options.trust_remote_code``
+    (this run's --trust-remote-code) only; whatever config.json records about it is ignored."""
+    from rainclf.backbones.base import BackboneError
+
     saved = config.backbone
     name = options.backbone or saved["name"]
-    backbone = create_backbone(name, BackboneOptions(
-        device=options.device, image_size=saved.get("image_size"), weights=saved.get("weights"),
-        trust_remote_code=bool(saved.get("trust_remote_code", False))))
+    needs_code = saved.get("kind") in REMOTE_CODE_KINDS or bool(saved.get("trust_remote_code"))
+    if needs_code and not options.trust_remote_code:
+        raise ModelDirError(remote_code_refusal(model_dir, name))
+    try:
+        backbone = create_backbone(name, BackboneOptions(
+            device=options.device, image_size=saved.get("image_size"), weights=saved.get("weights"),
+            trust_remote_code=options.trust_remote_code))
+    except BackboneError as e:
+        if not options.trust_remote_code and "--trust-remote-code" in str(e):
+            raise ModelDirError(remote_code_refusal(model_dir, name)) from None
+        raise
     check_backbone(config, backbone, model_dir)
     return backbone
+
+
+#: backbone kinds whose modelling code ships inside the checkpoint (backbones/chatglm.py)
+REMOTE_CODE_KINDS = ("chatglm",)
+
+
+def remote_code_refusal(model_dir, name: str) -> str:
+    return (f"{model_dir} needs remote code: its backbone {name} runs Python code shipped with the "
+            "checkpoint, which a model directory can never allow — pass --trust-remote-code on this "
+            "command line if you trust that checkpoint")
 
 
 def load_classifier(model_dir: str | Path, options: RunOptions | None = None):

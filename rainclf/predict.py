@@ -6,6 +6,7 @@ Unreadable files become rows with an ``error`` and no label; the job goes on. Th
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Sequence
 from rainclf.config import RunOptions
 from rainclf.data.images import describe_path, find_images
 from rainclf.heads.base import Row
+from rainclf.io import check_target
 from rainclf.model import load_classifier, read_metrics
 from rainclf.outputs import format_rows, output_format, write_rows  # noqa: F401 (format_rows: API)
 from rainclf.parallel.ddp import dist_context
@@ -38,7 +40,7 @@ class PredictSummary:
         counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
         images = f"{self.images} image" + ("" if self.images == 1 else "s")
         text = (f"{images}: {self.predicted} predicted" + (f" ({counts})" if counts else "")
-                + f", {self.errors} errors, "
+                + f", {self.errors} error{'' if self.errors == 1 else 's'}, "
                 f"{self.seconds:.2f} s, {self.images_per_s:.1f} img/s")
         if self.random_weights:
             text += " — RANDOM-weight backbone: labels are meaningless"
@@ -97,6 +99,7 @@ def predict_local(inputs, model_dir, options: RunOptions | None = None, output=N
     options = options or RunOptions()
     if output is not None:
         output_format(output)  # refuse a bad -o before any work
+        check_target(output)   # a special file, a read-only folder, a name too long: before any work
     start = time.perf_counter()
     if isinstance(inputs, (str, Path)):
         paths, problems = find_images(inputs)
@@ -105,9 +108,9 @@ def predict_local(inputs, model_dir, options: RunOptions | None = None, output=N
     clf = classifier or open_classifier(model_dir, options, fallback, band, fallback_decoding)
     rows = clf.predict_paths(paths)
     # the error names the file, like the ImageError lines of unreadable images do
-    rows += [Row(path=describe_path(p), error=f"{describe_path(p)}: {msg}") for p, msg in problems]
-    for r in rows:  # a non-UTF-8 name would make the UTF-8 CSV/JSONL writer fail: show it as \xff
-        r.path = describe_path(r.path)
+    rows += [Row(path=str(p), error=f"{describe_path(p)}: {msg}") for p, msg in problems]
+    for r in rows:
+        settle_row(r)
     seconds = time.perf_counter() - start
     counts: dict[str, int] = {}
     for r in rows:
@@ -121,6 +124,17 @@ def predict_local(inputs, model_dir, options: RunOptions | None = None, output=N
     if output is not None:
         write_rows(rows, output)
     return PredictRun(rows, summary)
+
+
+def settle_row(r: Row) -> Row:
+    """A score that is not a finite number is an error, never a label; an error row says
+    ``source=error``."""
+    if r.p_rain is not None and not math.isfinite(r.p_rain):
+        r.error = f"{r.path}: the model gave a non-finite score ({r.p_rain}) for this image — no label"
+        r.label, r.p_rain = None, None
+    if r.error is not None and r.label is None:
+        r.source = "error"
+    return r
 
 
 def collapse_notes(model_dir) -> list[str]:

@@ -38,7 +38,7 @@ def test_fit_prints_validation_metrics_and_random_warning(trained):
 
 def test_predict_to_stdout_csv(runner, trained):
     _, data, model, _ = trained
-    r = runner.invoke(main, ["predict", str(data), "--model", str(model), "--no-cache", "-q"])
+    r = runner.invoke(main, ["predict", str(data), "--model", str(model), "--no-cache"])   # -q hides the summary
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
     assert len(rows) == 16 and list(rows[0]) == ["path", "label", "p_rain", "source", "error"]

@@ -203,7 +203,7 @@ def library_run(bad_folder, model_dir, locked_unreadable, tmp_path_factory):
 def test_every_file_gets_exactly_one_row(bad_folder, library_run):
     folder, expected = bad_folder
     run, out = library_run
-    names = [_name(r.path, folder) for r in run.rows]
+    names = [_name(describe_path(r.path), folder) for r in run.rows]  # rows keep the exact name
     assert sorted(names) == sorted(_expected_names(expected))  # each exactly once, nothing else
     rows = list(csv.DictReader(out.open(encoding="utf-8")))
     assert sorted(_name(r["path"], folder) for r in rows) == sorted(names)
@@ -214,7 +214,7 @@ def test_every_file_gets_exactly_one_row(bad_folder, library_run):
 def test_good_files_are_all_predicted(bad_folder, library_run):
     folder, expected = bad_folder
     run, out = library_run
-    by_name = {_name(r.path, folder): r for r in run.rows}
+    by_name = {_name(describe_path(r.path), folder): r for r in run.rows}
     for name, problem in expected.items():
         row = by_name[describe_path(name)]
         if problem is None:
@@ -227,7 +227,7 @@ def test_good_files_are_all_predicted(bad_folder, library_run):
 def test_each_bad_file_is_one_line_naming_it(bad_folder, library_run):
     folder, _ = bad_folder
     run, out = library_run
-    by_name = {_name(r.path, folder): r for r in run.rows}
+    by_name = {_name(describe_path(r.path), folder): r for r in run.rows}
     for name, problem in BAD.items():
         row = by_name[name]
         assert row.label is None and row.p_rain is None, name
@@ -241,7 +241,7 @@ def test_documented_conversions(bad_folder, library_run):
     reference image that shows what the documentation promises, and not what it rules out."""
     folder, _ = bad_folder
     run, _ = library_run
-    p = {_name(r.path, folder): r.p_rain for r in run.rows}
+    p = {_name(describe_path(r.path), folder): r.p_rain for r in run.rows}
     assert p["alpha.png"] == pytest.approx(p["alpha_flat.png"], abs=1e-9)
     assert p["exif.jpg"] == pytest.approx(p["rotated.png"], abs=1e-9)
     assert p["anim.gif"] == pytest.approx(p["anim_first.png"], abs=1e-9)

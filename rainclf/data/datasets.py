@@ -118,18 +118,18 @@ def _from_folder(src: Path) -> list[Example]:
             entries = sorted(it, key=lambda e: os.fsencode(e.name))
     except OSError as exc:
         raise DataError(f"{name}: cannot read folder ({exc.strerror}) — check the path and permissions") from None
-    dirs = [e for e in entries if not e.name.startswith(".") and e.is_dir()]
+    dirs = [e for e in entries if not e.name.startswith(".") and _entry_is(e, "dir")]
     label_dirs = [(e, normalise_label(e.name)) for e in dirs]
     bad = [describe_path(e.name) for e, label in label_dirs if label is None]
     if bad:
         # e.g. shared/weather/: images/ beside train.jsonl and manifest.csv
-        tables = [e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in (".jsonl", ".csv")]
+        tables = [e.name for e in entries if _entry_is(e, "file") and Path(e.name).suffix.lower() in (".jsonl", ".csv")]
         hint = f", or pass {describe_path(src / tables[0])} instead" if tables else ""
         raise DataError(f"{name}: subfolder(s) {', '.join(bad)} are not labels — name the label "
                         f"folders 会下雨 and 不会下雨 (aliases rain/no_rain){hint}")
     if not label_dirs:
         raise DataError(f"{name}: no label subfolders — put the images in {name}/会下雨/ and {name}/不会下雨/")
-    loose = [e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS]
+    loose = [e.name for e in entries if _entry_is(e, "file") and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS]
     if loose:
         raise DataError(f"{name}: {len(loose)} image(s) outside the label subfolders "
                         f"(e.g. {describe_path(loose[0])}) — move them into 会下雨/ or 不会下雨/")
@@ -162,7 +162,7 @@ def _from_json(src: Path) -> list[Example]:
     """A ``.json`` file holding a list of records (ms-swift allows this); JSONL named .json works."""
     try:
         obj = json.loads(_read_text(src))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return _from_jsonl(src)  # one object per line under a .json name
     if isinstance(obj, dict):
         return _from_jsonl(src)  # a one-line JSONL: line numbers still apply
@@ -189,6 +189,9 @@ def _jsonl_records(src: Path) -> Iterator[tuple[int, Any]]:
             yield n, json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{name}:{n}: malformed JSON ({exc.msg} at column {exc.colno}) — "
+                            "fix the line; JSONL holds one JSON object per line") from None
+        except RecursionError:
+            raise DataError(f"{name}:{n}: malformed JSON (nested too deeply) — "
                             "fix the line; JSONL holds one JSON object per line") from None
 
 
@@ -301,11 +304,36 @@ def _read_text(src: Path) -> str:
         raise DataError(f"{describe_path(src)}: cannot read ({exc.strerror}) — check the path and permissions") from None
 
 
+def _entry_is(entry, kind: str) -> bool:
+    """``entry.is_dir()`` / ``is_file()``, False for a symlink loop (which raises ELOOP)."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError:
+        return False
+
+
+CSV_DELIMITERS = ",;\t|"
+
+
+def csv_delimiter(text: str) -> str:
+    """The header line's delimiter: ``,`` unless the first non-blank line holds none of it but
+    ``;``, a tab or ``|`` (csv.Sniffer on that line)."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if "," in first or not any(d in first for d in CSV_DELIMITERS[1:]):
+        return ","
+    try:
+        return csv.Sniffer().sniff(first, delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        return next(d for d in CSV_DELIMITERS[1:] if d in first)
+
+
 def _csv_rows(src: Path, wanted: tuple[tuple[str, ...], ...]) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(line, [cell per wanted column])``; each entry of ``wanted`` lists accepted header
     names (case-insensitive), the first present wins."""
     name = describe_path(src)
-    reader = csv.reader(io.StringIO(_read_text(src), newline=""))
+    text = _read_text(src)
+    delimiter = csv_delimiter(text)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     columns: list[int] | None = None
     try:
         for row in reader:
@@ -318,7 +346,8 @@ def _csv_rows(src: Path, wanted: tuple[tuple[str, ...], ...]) -> Iterator[tuple[
                     idx = next((header.index(n) for n in names if n in header), None)
                     if idx is None:
                         raise DataError(f"{name}:{reader.line_num}: no {' / '.join(names)} column "
-                                        f"(header is {', '.join(row)}) — add it to the first line")
+                                        f"(header is {', '.join(row)}, read with delimiter {delimiter!r}) — "
+                                        "add it to the first line, or separate columns with ',' ';' or a tab")
                     columns.append(idx)
                 continue
             yield reader.line_num, [row[i].strip() if i < len(row) else "" for i in columns]

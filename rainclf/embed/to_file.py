@@ -21,6 +21,9 @@ def embed_to_file(data, out_file, backbone_name: str, backbone_options: Backbone
 
         return embed_sharded(data, out_file, backbone_name, backbone_options, feature, layer, prompt,
                              batch_size, cache_dir, progress)
+    from rainclf.io import check_target
+
+    check_target(out_file)   # before the long part, not after it
     paths, labels, problems = dataset_or_images(data)
     backbone = create_backbone(backbone_name, backbone_options)
     cache = open_cache(cache_dir, backbone, feature, layer, prompt)

@@ -218,10 +218,20 @@ def load_adapter(backbone, adapter_dir: Path):
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelDirError(f"{adapter_dir} has no adapter_config.json: the model directory is damaged; refit it")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():   # damaged, truncated, unreadable or non-finite: one line before peft sees it
+        from rainclf.weights import check_finite, read_tensors
+
+        tensors, _ = read_tensors(weights, framework="pt")
+        check_finite(weights, {k: v.float().numpy() for k, v in tensors.items()})
     model, _ = backbone.load()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:   # peft's own wording
+            raise ModelDirError(f"{adapter_dir}: the adapter cannot be loaded ({' '.join(str(e).split())[:160]}) "
+                                "— the model directory is damaged: restore it or refit") from None
     return peft_model.eval()
 
 

@@ -160,6 +160,10 @@ def scored_rows(paths: Sequence, errors: Sequence, p_rain: Sequence[float], thre
             rows.append(Row(path=str(path), source=source, error=err))
         else:
             pr = float(next(scores))
+            if not np.isfinite(pr):   # NaN / inf: no label can be read from it
+                rows.append(Row(path=str(path), source="error",
+                                error=f"{path}: the model gave a non-finite score ({pr}) — no label"))
+                continue
             rows.append(Row(path=str(path), label=label_for(pr, threshold), p_rain=pr, source=source))
     return rows
 

@@ -116,21 +116,31 @@ class LinearHead:
 
     @classmethod
     def load(cls, directory: str | Path) -> "LinearHead":
-        from safetensors import safe_open
+        from rainclf.weights import DAMAGED_FIX, check_finite, read_tensors
 
         path = Path(directory) / HEAD_FILE
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in f.keys()}
+        t, meta = read_tensors(path)
         if meta.get("head") != "linear" or set(t) != {"coef", "intercept", "mean", "scale"}:
-            raise ValueError(f"{path} is not a rainclf linear head")
-        params = json.loads(meta.get("params", "{}"))
+            raise ModelDirError(f"{path} is not a rainclf linear head — {DAMAGED_FIX}")
+        check_finite(path, t)
+        n = t["coef"].shape[0] if t["coef"].ndim == 1 else -1
+        if (n < 1 or t["mean"].shape != (n,) or t["scale"].shape != (n,) or t["intercept"].shape != (1,)
+                or not (t["scale"] > 0).all()):
+            raise ModelDirError(f"{path}: coef, mean, scale, intercept have inconsistent shapes or a "
+                                f"non-positive scale — {DAMAGED_FIX}")
+        try:
+            params = json.loads(meta.get("params", "{}"))
+            trained_on = json.loads(meta["extraction"]) if "extraction" in meta else None
+        except (ValueError, RecursionError):
+            raise ModelDirError(f"{path}: malformed header metadata — {DAMAGED_FIX}") from None
+        if not isinstance(params, dict) or not isinstance(trained_on, (dict, type(None))):
+            raise ModelDirError(f"{path}: malformed header metadata — {DAMAGED_FIX}")
         head = cls(class_weight=params.get("class_weight"), cv=params.get("cv", 3))
         head.coef_, head.mean_, head.scale_ = t["coef"], t["mean"], t["scale"]
         head.intercept_ = float(t["intercept"][0])
         head.C_ = float(meta.get("C", "nan"))
         # what the embeddings were extracted with (embed.extract.extraction_namespace); None if not recorded
-        head.trained_on_ = json.loads(meta["extraction"]) if "extraction" in meta else None
+        head.trained_on_ = trained_on
         head.n_features_in_ = head.coef_.shape[0]
         head.classes_ = np.array(LABELS)
         return head

@@ -149,14 +149,14 @@ class LoraHeadModel:
     @classmethod
     def load(cls, backbone, directory: Path, layer: int, prompt: str) -> "LoraHeadModel":
         import torch
-        from safetensors import safe_open
+
+        from rainclf.weights import check_finite, read_tensors
 
         path = directory / SCORE_FILE
         if not path.is_file():
             raise ModelDirError(f"{directory} has no {SCORE_FILE}: the model directory is damaged; refit it")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        state, meta = read_tensors(path, framework="pt")
+        check_finite(path, {k: v.float().numpy() for k, v in state.items()})
         if meta.get("head") != "lora" or set(state) != {"weight", "bias"} or state["weight"].shape[0] != 2:
             raise ModelDirError(f"{path} is not a rainclf LoRA score layer")
         if state["weight"].shape[1] != backbone.hidden_size:
@@ -284,9 +284,10 @@ class LoraClassifier(ClassifierBase):
 
     @classmethod
     def affine_head(cls, config, model_dir) -> HeadArrays:
-        from safetensors.numpy import load_file
+        from rainclf.weights import check_finite, read_tensors
 
-        t = load_file(str(Path(model_dir) / SCORE_FILE))
+        t, _ = read_tensors(Path(model_dir) / SCORE_FILE)
+        check_finite(Path(model_dir) / SCORE_FILE, t)
         w = t["weight"].astype(np.float64)
         return HeadArrays(np.zeros(w.shape[1]), np.ones(w.shape[1]), w, t["bias"].astype(np.float64))
 

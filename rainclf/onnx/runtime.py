@@ -3,7 +3,9 @@
     InputSpec, OnnxMetadata   rainclf_onnx.json (``onnx/format.py``; the exporter writes it)
     pixel_values              RGB images → the GLM-4V image processor's flat patches, in numpy
     timm_pixel_values         RGB images → timm's eval transform (resize, centre crop, mean/std), in numpy
-    choose_providers          CUDA → CPU, or the providers the caller names
+    choose_providers          CUDA (only when its libraries load: onnx/providers.py) → CPU, or the
+                              providers the caller names
+    check_graph               a graph's inputs/outputs against rainclf_onnx.json (at load)
     OnnxClassifier            from_dir(path).predict(images_or_paths) → one dict per input:
                               path, label, p_rain, error (a bad file is an error entry, never a crash)
 
@@ -28,6 +30,7 @@ from rainclf.data.images import ImageError, decode_image, read_bytes, to_rgb
 from rainclf.labels import LABELS
 from rainclf.onnx.format import (
     INSTALL_HINT,
+    METADATA_FILE,
     InputSpec,
     OnnxExportError,
     OnnxMetadata,
@@ -35,6 +38,7 @@ from rainclf.onnx.format import (
     find_export_dir,
     read_metadata,
 )
+from rainclf.onnx.providers import _ort, choose_providers  # noqa: F401 (API: rainclf.onnx.runtime.choose_providers)
 
 # ------------------------------------------------------------------ preprocessing (numpy)
 
@@ -99,26 +103,25 @@ def patchify(x: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 # ------------------------------------------------------------------ onnxruntime
 
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ImportError(f"rainclf.onnx.runtime needs onnxruntime: {INSTALL_HINT}") from None
-    return onnxruntime
-
-
-def choose_providers(providers: Sequence | None = None) -> list:
-    """The providers asked for (names or (name, options) pairs), all of which must exist here,
-    else CUDA then CPU, whichever this onnxruntime build has."""
-    available = _ort().get_available_providers()
-    if providers:
-        names = [p if isinstance(p, str) else p[0] for p in providers]
-        missing = [n for n in names if n not in available]
-        if missing:
-            raise OnnxExportError(f"onnxruntime providers {missing} are not available here "
-                                  f"(available: {', '.join(available)})")
-        return list(providers)
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+def check_graph(session, entry: dict, path: Path) -> None:
+    """The graph's inputs and outputs must be the ones rainclf_onnx.json lists (names, and every
+    fixed dimension): a graph swapped for another export's is refused at load."""
+    fix = "the export is damaged or its files were swapped: re-run rainclf export"
+    for kind, nodes in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        want = entry.get(kind) or {}
+        got = {n.name: n.shape for n in nodes}
+        if kind == "outputs" and "p_rain" not in got:
+            raise OnnxExportError(f"{path}: the graph has no p_rain output (outputs: {', '.join(got)}) — {fix}")
+        names = set(want) if kind == "outputs" else set(want) | set(got)
+        for name in sorted(names):
+            if name not in got or name not in want:
+                raise OnnxExportError(f"{path}: {kind} {sorted(got)} differ from {sorted(want)} in "
+                                      f"{METADATA_FILE} — {fix}")
+            dims_want, dims_got = list(want[name]), list(got[name])
+            if len(dims_want) != len(dims_got) or any(
+                    isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(dims_want, dims_got)):
+                raise OnnxExportError(f"{path}: {kind[:-1]} {name} has shape {dims_got}, {METADATA_FILE} "
+                                      f"says {dims_want} — {fix}")
 
 
 class OnnxClassifier:
@@ -128,6 +131,8 @@ class OnnxClassifier:
         self.directory, self.metadata = Path(directory), metadata
         self.requested_providers = choose_providers(providers)
         self._sessions: dict = {}
+        for graph in metadata.graphs:   # a truncated or swapped graph is refused here, not in predict()
+            self.session(graph)
 
     @classmethod
     def from_dir(cls, path: str | Path, providers: Sequence | None = None) -> "OnnxClassifier":
@@ -152,8 +157,13 @@ class OnnxClassifier:
             options = ort.SessionOptions()
             options.log_severity_level = 3   # CUDA fallback warnings: providers() reports it instead
             path = self.directory / self.metadata.graphs[graph]["file"]
-            self._sessions[graph] = ort.InferenceSession(str(path), options,
-                                                         providers=self.requested_providers)
+            try:
+                session = ort.InferenceSession(str(path), options, providers=self.requested_providers)
+            except Exception as e:   # InvalidProtobuf, Fail, NoSuchFile …: onnxruntime's own types
+                raise OnnxExportError(f"{path}: onnxruntime cannot load it ({' '.join(str(e).split())[:160]}) "
+                                      "— the export is damaged: re-run rainclf export") from None
+            check_graph(session, self.metadata.graphs[graph], path)
+            self._sessions[graph] = session
         return self._sessions[graph]
 
     def providers(self, graph: str | None = None) -> list[str]:

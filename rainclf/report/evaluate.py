@@ -51,7 +51,7 @@ from rainclf.backbones.base import resolve_device
 from rainclf.config import DEFAULT_CACHE, RunOptions
 from rainclf.data.datasets import load_dataset
 from rainclf.data.images import describe_path
-from rainclf.io import atomic_dir, log
+from rainclf.io import atomic_dir, check_target, log
 from rainclf.labels import LABELS
 from rainclf.model import read_config
 from rainclf.report.scoring import file_sha256, model_metrics, rule_lines, seen_images
@@ -175,6 +175,7 @@ def evaluate(data, model_dirs: Sequence, out_dir, options: RunOptions | None = N
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists: choose another -o or pass --overwrite")
+    check_target(out_dir, is_dir=True)   # before the long part, not after it
     if plots:
         check_plotting()   # before the long part
     examples = load_dataset(data)
