@@ -22,9 +22,9 @@ from rainclf.backbones.base import (
     BackboneError,
     BackboneOptions,
     default_cache_dir,
-    directory_fingerprint,
     resolve_device,
 )
+from rainclf.backbones.fingerprint import checkpoint_fingerprint
 
 
 class ChatGLMBackbone(Backbone):
@@ -42,8 +42,8 @@ class ChatGLMBackbone(Backbone):
         self.vision_dim = int(vision.get("hidden_size", self.hidden_size))
         self.image_size = int(options.image_size or vision.get("image_size", 1120))
         self.random_weights = False
-        self.fingerprint = directory_fingerprint(self.model_dir, "chatglm", memo_dir=default_cache_dir(),
-                                                 revision=revision)
+        self.fingerprint = checkpoint_fingerprint(self.model_dir, "chatglm", memo_dir=default_cache_dir(),
+                                                  semantic_config=False)
         self._model = self._tokenizer = None
 
     def dim(self, feature: str) -> int:

@@ -139,3 +139,45 @@ def check_built(norm: dict, config, path: Path) -> None:
     if wrong:
         raise BackboneError(f"{path}: the config states sizes transformers would not build "
                             f"({'; '.join(wrong)}): fix config.json or use a transformers version that reads it")
+
+
+# --------------------------------------------------------------------------- image-size bounds
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def pixel_bounds(model_dir: Path) -> tuple[int, int, int] | None:
+    """(min pixels, max pixels, temporal patch) of the checkpoint's image processor, or None when
+    it states none. The bounds are pixels of area and count the temporal patch: a still image is
+    ``temporal_patch`` frames, so an s×s image has t·s² pixels."""
+    path = Path(model_dir) / PREPROCESSOR_FILE
+    if not path.is_file():
+        return None
+    try:
+        pp = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BackboneError(f"{path} is not readable JSON ({type(e).__name__}): restore the checkpoint's "
+                            "processor file") from None
+    size = pp.get("size") or {}
+    lo = size.get("shortest_edge", pp.get("min_pixels"))
+    hi = size.get("longest_edge", pp.get("max_pixels"))
+    if not isinstance(lo, int) or not isinstance(hi, int):
+        return None
+    return lo, hi, int(pp.get("temporal_patch_size", 2))
+
+
+def check_image_size(size: int, factor: int, bounds: tuple[int, int, int] | None, name: str) -> None:
+    """BackboneError naming the bounds and the nearest allowed sizes when t·size² lies outside the
+    processor's [min, max] pixels."""
+    if bounds is None:
+        return
+    lo, hi, t = bounds
+    if lo <= t * size * size <= hi:
+        return
+    smallest = next((s for s in range(factor, 100_000, factor) if t * s * s >= lo), None)
+    largest = max((s for s in range(factor, 100_000, factor) if t * s * s <= hi), default=None)
+    side = "below" if t * size * size < lo else "above"
+    raise BackboneError(
+        f"--image-size {size} gives {t}×{size}² = {t * size * size:,} pixels, {side} {name}'s processor "
+        f"bounds [{lo:,}, {hi:,}] (preprocessor_config.json size shortest_edge/longest_edge, temporal "
+        f"patch {t} counted): use {smallest}..{largest} (multiples of {factor})")
