@@ -191,7 +191,8 @@ class Glm4vBackbone(Backbone):
             try:
                 processor = AutoProcessor.from_pretrained(self.model_dir, **kwargs)
                 model, info = AutoModelForImageTextToText.from_pretrained(
-                    self.model_dir, config=config, dtype=dtype, output_loading_info=True, **placement, **kwargs)
+                    self.model_dir, config=config, dtype=dtype, output_loading_info=True,
+                    ignore_mismatched_sizes=True, **placement, **kwargs)   # mismatches: refused below, in one line
             except (OSError, ValueError, RuntimeError) as e:
                 raise BackboneError(f"cannot load GLM-4V from {self.model_dir}: "
                                     f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
