@@ -328,3 +328,20 @@ def test_fit_predict_export_on_real_layouts(ckpt, request, data, tmp_path, one_t
         rows = _rows(tmp_path / f"gen-{decoding}.csv")
         assert len(rows) == 6 and {r["label"] for r in rows} <= set(LABELS) | {""}
         assert any(r["label"] in LABELS for r in rows)
+
+
+def test_terminator_is_the_stop_token_the_template_writes_after_an_answer(tmp_path):
+    from transformers import AutoProcessor
+
+    from rainclf.backbones.glm4v_chat import terminator
+
+    stops = [151329, USER, 151338, ANSWER_END]
+    assert terminator(AutoProcessor.from_pretrained(META41), stops) == "<|user|>"
+    spaced = _copy(META41, tmp_path / "spaced")   # a template that writes "\n" before the next turn
+    t = (spaced / "chat_template.jinja").read_text()
+    (spaced / "chat_template.jinja").write_text(t.replace("{{ msg.content }}\n        {%- endif %}\n    {%- endif %}",
+                                                          "{{ msg.content }}{{ '\\n' }}\n        {%- endif %}\n    {%- endif %}"))
+    assert (spaced / "chat_template.jinja").read_text() != t
+    assert terminator(AutoProcessor.from_pretrained(spaced), stops) == "\n<|user|>"
+    # no stop token after an answer at all: the tokenizer's EOS
+    assert terminator(AutoProcessor.from_pretrained(META41), [151329]) == "<|endoftext|>"

@@ -12,9 +12,9 @@ must be switched off and how, and the token that ends an assistant answer.
                                             tokenizer, so ``</think>`` in the vocabulary decides
                                             nothing)
     terminator(processor, eos_ids)
-                             the first token the template writes after an assistant answer when
-                             another turn follows, if generation stops at it; else the tokenizer's
-                             EOS. Real GLM templates put no EOS after an answer: the next turn's
+                             the first stop token the template writes after an assistant answer
+                             when another turn follows (with any whitespace before it); else the
+                             tokenizer's EOS. Real GLM templates put no EOS after an answer: the next turn's
                              ``<|user|>`` (a stop id) is what the model emits after it.
 """
 
@@ -95,8 +95,10 @@ def terminator(processor, eos_ids) -> str:
     at = text.find(_PROBE)
     if at >= 0:
         after = tok(text[at + len(_PROBE):], add_special_tokens=False)["input_ids"]
-        if after and after[0] in set(eos_ids):
-            return tok.convert_ids_to_tokens(after[0])
+        stop = next((k for k, t in enumerate(after) if t in set(eos_ids)), None)
+        # the stop token, with any whitespace the template writes before it ("\n<|user|>")
+        if stop is not None and not tok.decode(after[:stop]).strip():
+            return tok.decode(after[:stop + 1], skip_special_tokens=False)
     if tok.eos_token is None:
         raise ValueError("the tokenizer has no EOS token and the chat template writes no stop token "
                          "after an answer")
