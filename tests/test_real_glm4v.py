@@ -345,3 +345,31 @@ def test_terminator_is_the_stop_token_the_template_writes_after_an_answer(tmp_pa
     assert terminator(AutoProcessor.from_pretrained(spaced), stops) == "\n<|user|>"
     # no stop token after an answer at all: the tokenizer's EOS
     assert terminator(AutoProcessor.from_pretrained(META41), [151329]) == "<|endoftext|>"
+
+
+def test_moe_lora_targets_are_the_linear_layers_that_exist(g45):
+    from rainclf.heads.adapters import lora_targets_in
+
+    model = create_backbone(str(g45), BackboneOptions(device="cpu", image_size=112)).load()[0]
+    names = lora_targets_in(model, ["gate_proj", "up_proj", "down_proj"])
+    assert sorted(n.split("language_model.")[1] for n in names) == [
+        "layers.0.mlp.down_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj",        # dense layer
+        "layers.1.mlp.shared_experts.down_proj", "layers.1.mlp.shared_experts.gate_proj",  # MoE layer:
+        "layers.1.mlp.shared_experts.up_proj"]                                               # shared expert only
+    with pytest.raises(ValueError) as e:
+        lora_targets_in(model, ["gate_up_proj", "down_proj"])
+    assert str(e.value) == ("--lora-targets gate_up_proj: this model's language model has no such Linear layer; "
+                            "it has q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+
+
+def test_chatglm_is_named_by_architecture_with_the_tiktoken_extra(tmp_path):
+    import configparser
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatglm", "hidden_size": 8, "num_layers": 1}))
+    with pytest.raises(BackboneError) as e:
+        create_backbone(str(tmp_path), BackboneOptions(device="cpu"))
+    assert "ChatGLM-architecture checkpoint (model_type chatglm, such as THUDM/glm-4v-9b)" in str(e.value)
+    assert "pip install 'rainclf[chatglm]'" in str(e.value) and "the original" not in str(e.value)
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    assert cfg["options.extras_require"]["chatglm"].split() == ["tiktoken>=0.7"]
