@@ -12,6 +12,12 @@ Features (both frozen, ``torch.inference_mode``):
 
 Every image is resized to a fixed ``image_size`` square first (bicubic), so every image gives the
 same number of tokens, batches need no padding, and batch size never changes a vector.
+
+Checkpoints are read as released (see ``glm4v_config``, ``glm4v_chat``, ``fingerprint``): a flat
+config is normalised and passed to ``from_pretrained(config=…)`` so its stated sizes are built;
+thinking is switched off as the template and config allow (``thinking``, recorded by
+``describe``); an answer ends with the checkpoint's own ``terminator``; ``--image-size`` must lie
+inside the processor's pixel bounds; the fingerprint is the files' content.
 """
 
 from __future__ import annotations
