@@ -303,6 +303,9 @@ def export_cmd(model_dir, out_dir, include_backbone, opset, triton_dir, triton_n
                    + (f", max |Δp_rain| vs torch {parity:.1e}" if parity is not None else ""))
     for name, reason in info["not_exported"].items():
         click.echo(f"rainclf: warning: {name} graph not exported: {reason}", err=True)
+    if include_backbone and "image" not in info["graphs"]:   # asked for, not delivered: not a success
+        _fail(f"--include-backbone: the image graph was not exported ({info['not_exported'].get('image')}); "
+              f"only the head graph is in {info['out_dir']}", code=1)
     if triton_dir:
         from rainclf.onnx.triton import write_triton_repository
 

@@ -173,8 +173,8 @@ def check_backbone(config: ModelConfig, backbone, model_dir: str | Path) -> None
         raise ModelDirError(
             f"{model_dir} was trained on backbone {saved.get('name')!r} (fingerprint "
             f"{str(saved.get('fingerprint'))[:12]}) but {backbone.name!r} has fingerprint "
-            f"{backbone.fingerprint[:12]}: its weights or config differ — use the original backbone "
-            "(--backbone PATH) or refit")
+            f"{backbone.fingerprint[:12]}: its weights, config, tokenizer, chat template or processor "
+            "differ — use the original backbone (--backbone PATH) or refit")
     if int(saved.get("image_size", backbone.image_size)) != backbone.image_size:
         raise ModelDirError(f"{model_dir} was trained at image size {saved.get('image_size')}, "
                             f"the backbone is set to {backbone.image_size}: drop --image-size")

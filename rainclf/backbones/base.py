@@ -1,5 +1,5 @@
 """The frozen-backbone interface every backbone implements (``Backbone``), its errors and options,
-device choice, and content fingerprints of checkpoint directories.
+device choice and the default cache directory (fingerprints: ``backbones/fingerprint.py``).
 
 A backbone turns decoded RGB images into one float32 vector each for a named *feature*
 (``vision`` or ``answer``). Builders are cheap: they read configs and compute the fingerprint,
@@ -15,10 +15,7 @@ never loads the model. Implementations import this module, never the registry
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -49,7 +46,7 @@ class Backbone:
 
     name: str                 # what the user typed (registry name, path or hub id)
     kind: str                 # "glm4v" | "timm" | "chatglm"
-    fingerprint: str          # sha256 hex: id + config + weights (or revision)
+    fingerprint: str          # sha256 hex: id + config meaning + weight contents + tokenizer/template
     random_weights: bool
     image_size: int
     features: tuple[str, ...]
@@ -117,54 +114,9 @@ def resolve_device(device: str) -> str:
 
 
 # --------------------------------------------------------------------------- fingerprints
-
-def _file_sha256(path: Path, memo_dir: Path | None) -> str:
-    """sha256 of a (possibly multi-GB) weight file, memoised by (path, size, mtime)."""
-    st = path.stat()
-    memo_key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    memo = memo_dir / "file-sha256" / memo_key if memo_dir else None
-    if memo is not None and memo.is_file():
-        value = memo.read_text().strip()
-        if len(value) == 64:
-            return value
-    if st.st_size > 1 << 30:
-        print(f"rainclf: hashing {path.name} ({st.st_size / 1e9:.1f} GB) once for the cache key",
-              file=sys.stderr)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    value = h.hexdigest()
-    if memo is not None:
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(value)
-            os.replace(tmp, memo)
-        except OSError:
-            pass  # a read-only cache only costs a re-hash next time
-    return value
-
+# Content fingerprints of checkpoint directories live in backbones/fingerprint.py.
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-def directory_fingerprint(model_dir: Path, identity: str, memo_dir: Path | None = None,
-                          revision: str | None = None) -> str:
-    """Fingerprint of a model directory: identity + config.json + weights (hash or revision)."""
-    h = hashlib.sha256()
-    h.update(identity.encode())
-    cfg = model_dir / "config.json"
-    if cfg.is_file():
-        # canonical JSON, so a re-saved but identical config keeps its fingerprint
-        h.update(json.dumps(json.loads(cfg.read_text(encoding="utf-8")), sort_keys=True).encode())
-    if revision:
-        h.update(f"revision:{revision}".encode())
-    else:
-        for p in sorted(model_dir.iterdir()):
-            if p.is_file() and p.suffix in WEIGHT_SUFFIXES:
-                h.update(f"{p.name}:{_file_sha256(p, memo_dir)}".encode())
-    return h.hexdigest()
 
 
 def default_cache_dir() -> Path:

@@ -1,13 +1,14 @@
-"""The original THUDM ``glm-4v-9b`` (ChatGLM architecture, ``model_type: chatglm``).
+"""ChatGLM-architecture checkpoints (``model_type: chatglm``), such as the original THUDM ``glm-4v-9b``.
 
-Its modelling code ships inside the checkpoint, so loading it executes that code
+Their modelling code ships inside the checkpoint, so loading it executes that code
 (``trust_remote_code=True``). rainclf only does so when the user passes ``--trust-remote-code``;
 ``glm4v.Glm4vBackbone`` refuses the directory otherwise. Prefer the transformers-native GLM-4.1V /
 4.5V / 4.6V checkpoints.
 
 Status: written against the published glm-4v-9b interface (tokenizer ``apply_chat_template`` with an
 ``image`` field, ``model.transformer.vision``); not run against the real checkpoint here (no
-weights can be downloaded on these machines). Images are processed one at a time.
+weights can be downloaded on these machines). Images are processed one at a time. Its remote
+tokenizer code imports ``tiktoken``: ``pip install 'rainclf[chatglm]'``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from rainclf.backbones.base import (
     BackboneError,
     BackboneOptions,
     default_cache_dir,
-    directory_fingerprint,
     resolve_device,
 )
+from rainclf.backbones.fingerprint import checkpoint_fingerprint
 
 
 class ChatGLMBackbone(Backbone):
@@ -42,8 +43,8 @@ class ChatGLMBackbone(Backbone):
         self.vision_dim = int(vision.get("hidden_size", self.hidden_size))
         self.image_size = int(options.image_size or vision.get("image_size", 1120))
         self.random_weights = False
-        self.fingerprint = directory_fingerprint(self.model_dir, "chatglm", memo_dir=default_cache_dir(),
-                                                 revision=revision)
+        self.fingerprint = checkpoint_fingerprint(self.model_dir, "chatglm", memo_dir=default_cache_dir(),
+                                                  semantic_config=False)
         self._model = self._tokenizer = None
 
     def dim(self, feature: str) -> int:
@@ -63,8 +64,14 @@ class ChatGLMBackbone(Backbone):
                 tok = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=True, local_files_only=True)
                 model = AutoModelForCausalLM.from_pretrained(self.model_dir, trust_remote_code=True, dtype=dtype,
                                                              local_files_only=True)
+            except ImportError as e:  # the remote tokenizer imports tiktoken, which transformers does not need
+                if "tiktoken" in str(e):
+                    raise BackboneError(f"cannot load ChatGLM checkpoint {self.model_dir}: its remote code needs "
+                                        "tiktoken: pip install 'rainclf[chatglm]'") from None
+                raise BackboneError(f"cannot load ChatGLM checkpoint {self.model_dir}: {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''}") from None
             except Exception as e:  # remote code can fail in any way; report it in one line
-                raise BackboneError(f"cannot load ChatGLM glm-4v-9b from {self.model_dir}: "
+                raise BackboneError(f"cannot load ChatGLM checkpoint {self.model_dir}: "
                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
             model.to(self.device).eval().requires_grad_(False)
             self._model, self._tokenizer = model, tok

@@ -12,11 +12,16 @@ Features (both frozen, ``torch.inference_mode``):
 
 Every image is resized to a fixed ``image_size`` square first (bicubic), so every image gives the
 same number of tokens, batches need no padding, and batch size never changes a vector.
+
+Checkpoints are read as released (see ``glm4v_config``, ``glm4v_chat``, ``fingerprint``): a flat
+config is normalised and passed to ``from_pretrained(config=…)`` so its stated sizes are built;
+thinking is switched off as the template and config allow (``thinking``, recorded by
+``describe``); an answer ends with the checkpoint's own ``terminator``; ``--image-size`` must lie
+inside the processor's pixel bounds; the fingerprint is the files' content.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -29,9 +34,11 @@ from rainclf.backbones.base import (
     BackboneError,
     BackboneOptions,
     default_cache_dir,
-    directory_fingerprint,
     resolve_device,
 )
+from rainclf.backbones.fingerprint import checkpoint_fingerprint
+from rainclf.backbones.glm4v_chat import EMPTY_THINK, stop_ids, terminator, thinking_decision
+from rainclf.backbones.glm4v_config import check_image_size, normalise, pixel_bounds, read_config
 
 SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v", "glm4v_moe")
 REMOTE_CODE_MODEL_TYPES = ("chatglm",)  # THUDM/glm-4v-9b: ChatGLM remote code
@@ -94,13 +101,14 @@ class Glm4vBackbone(Backbone):
     @classmethod
     def from_name(cls, name: str, options: BackboneOptions) -> Backbone:
         model_dir, revision = resolve_model_dir(name)
-        model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+        model_type = read_config(model_dir).get("model_type")
         if model_type in REMOTE_CODE_MODEL_TYPES:
             if not options.trust_remote_code:
                 raise BackboneError(
-                    f"{name} is the original ChatGLM glm-4v-9b, whose modelling code ships inside the "
-                    "checkpoint; rainclf does not execute downloaded code unless you pass "
-                    "--trust-remote-code (or use a transformers-native GLM-4.1V/4.5V/4.6V checkpoint)")
+                    f"{name} is a ChatGLM-architecture checkpoint (model_type chatglm, such as THUDM/glm-4v-9b) "
+                    "whose modelling code ships inside the checkpoint; rainclf does not execute downloaded "
+                    "code unless you pass --trust-remote-code (it also needs tiktoken: pip install "
+                    "'rainclf[chatglm]'), or use a transformers-native GLM-4.1V/4.5V/4.6V checkpoint")
             from rainclf.backbones.chatglm import ChatGLMBackbone
 
             return ChatGLMBackbone(name, model_dir, revision, options)
@@ -108,12 +116,18 @@ class Glm4vBackbone(Backbone):
 
     def __init__(self, name: str, model_dir: Path, revision: str | None, options: BackboneOptions):
         self.name, self.model_dir, self.options = name, Path(model_dir), options
-        config = json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
-        model_type = config.get("model_type")
+        raw = read_config(self.model_dir)
+        model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise BackboneError(f"{self.model_dir}: model_type {model_type!r} is not a GLM-4V-family "
                                 f"model (expected one of {', '.join(SUPPORTED_MODEL_TYPES)})")
-        text, vision = config.get("text_config", {}), config.get("vision_config", {})
+        # flat (released GLM-4.1V) or nested alike: the sizes the file states
+        self.config_dict = config = normalise(raw)
+        text, vision = config.get("text_config", {}), config.get("vision_config") or {}
+        for key in ("hidden_size", "num_hidden_layers"):
+            if not isinstance(text.get(key), int):
+                raise BackboneError(f"{self.model_dir / 'config.json'} states no {key} (neither at the top level "
+                                    "nor in text_config): restore the checkpoint's config.json")
         self.model_type = model_type
         self.hidden_size = int(text["hidden_size"])
         self.num_layers = int(text["num_hidden_layers"])
@@ -123,11 +137,21 @@ class Glm4vBackbone(Backbone):
         if self.image_size % self.factor or self.image_size <= 0:
             raise BackboneError(f"--image-size {self.image_size} must be a positive multiple of "
                                 f"{self.factor} (patch size × spatial merge) for {name}")
+        if options.image_size:   # the checkpoint's own default is what it was trained on
+            check_image_size(self.image_size, self.factor, pixel_bounds(self.model_dir), name)
         self.random_weights = (self.model_dir / RANDOM_MARKER).is_file()
-        self.fingerprint = directory_fingerprint(self.model_dir, f"glm4v:{model_type}",
-                                                 memo_dir=default_cache_dir(), revision=revision)
+        self.thinking = thinking_decision(self.model_dir, config)
+        self.stop_ids = stop_ids(self.model_dir, config)
+        # by content (weights, config meaning, tokenizer, template, processor), never by name or revision
+        self.fingerprint = checkpoint_fingerprint(self.model_dir, f"glm4v:{model_type}",
+                                                  memo_dir=default_cache_dir())
+        self._terminator: str | None = None
         self._model = self._processor = None
         self.device = None
+
+    def describe(self) -> dict:
+        # the thinking decision is recorded in the model directory (config.json's backbone)
+        return {**super().describe(), "thinking": self.thinking["mode"]}
 
     def dim(self, feature: str) -> int:
         return self.vision_dim if feature == "vision" else self.hidden_size
@@ -164,13 +188,26 @@ class Glm4vBackbone(Backbone):
                 self.device = resolve_device(self.options.device)
                 dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
             kwargs = dict(local_files_only=True, trust_remote_code=False)
+            from rainclf.backbones.glm4v_config import build_config
+
+            config = build_config(self.model_dir)   # the stated sizes, whatever the layout
+            if not self.weight_files():
+                raise BackboneError(f"{self.model_dir} has no weights (*.safetensors): download the "
+                                    "checkpoint's weight files into it, or point --backbone at the full checkpoint")
             try:
                 processor = AutoProcessor.from_pretrained(self.model_dir, **kwargs)
-                model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype, **placement,
-                                                                    **kwargs)
-            except (OSError, ValueError) as e:
+                model, info = AutoModelForImageTextToText.from_pretrained(
+                    self.model_dir, config=config, dtype=dtype, output_loading_info=True,
+                    ignore_mismatched_sizes=True, **placement, **kwargs)   # mismatches: refused below, in one line
+            except (OSError, ValueError, RuntimeError) as e:
                 raise BackboneError(f"cannot load GLM-4V from {self.model_dir}: "
-                                    f"{str(e).splitlines()[0]}") from None
+                                    f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+            bad = list(info.get("missing_keys") or []) + [str(k[0]) if isinstance(k, tuple) else str(k)
+                                                          for k in info.get("mismatched_keys") or []]
+            if bad:
+                raise BackboneError(f"{self.weight_files()[0]}: the weights do not match {self.model_dir / 'config.json'} "
+                                    f"({len(bad)} tensors missing or of another shape, e.g. {bad[0]}): use the "
+                                    "config that came with these weights")
             if placement:
                 # inputs start where tokens are embedded; accelerate's hooks move them between GPUs
                 self.device = str(model.get_input_embeddings().weight.device)
@@ -202,13 +239,25 @@ class Glm4vBackbone(Backbone):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                              enable_thinking=False)
-        tokenizer = processor.tokenizer
-        # Thinking variants whose template ignores enable_thinking still get an empty think block.
-        if "</think>" in tokenizer.get_vocab() and not text.rstrip().endswith("</think>"):
-            text = text + "<think></think>"
+        # a thinking model whose template has no switch gets an empty think block (glm4v_chat)
+        if self.thinking["mode"] == "empty_block" and not text.rstrip().endswith("</think>"):
+            text = text + EMPTY_THINK
         if answer is not None:
-            text = text + answer + (tokenizer.eos_token or "")
+            text = text + answer + self.terminator
         return text
+
+    @property
+    def terminator(self) -> str:
+        """The token that ends an answer in this checkpoint's chats (``<|user|>`` for the released
+        GLM templates, which write no EOS after an answer; the tiny template's ``<|endoftext|>``)."""
+        if self._terminator is None:
+            processor = self.load()[1]
+            ids = self.stop_ids or [processor.tokenizer.eos_token_id]
+            try:
+                self._terminator = terminator(processor, ids)
+            except ValueError as e:
+                raise BackboneError(f"{self.model_dir}: {e}") from None
+        return self._terminator
 
     def vision_inputs(self, images):
         _, processor = self.load()
@@ -217,7 +266,7 @@ class Glm4vBackbone(Backbone):
         return {k: v.to(self.device) for k, v in out.items()}
 
     def chat_inputs(self, images, prompt: str = DEFAULT_PROMPT, answers=None):
-        """Processor output for a batch of chats (prompt only, or prompt + answer + EOS)."""
+        """Processor output for a batch of chats (prompt only, or prompt + answer + terminator)."""
         _, processor = self.load()
         texts = [self.chat_text(prompt, None if answers is None else a)
                  for a in (answers if answers is not None else [None] * len(images))]

@@ -14,10 +14,10 @@ from rainclf.backbones.base import (
     Backbone,
     BackboneError,
     BackboneOptions,
-    _file_sha256,
     default_cache_dir,
     resolve_device,
 )
+from rainclf.backbones.fingerprint import file_sha256 as _file_sha256
 
 RANDOM_SEED = 0
 

@@ -29,8 +29,11 @@ from rainclf.model import ModelDirError
 
 ADAPTER_DIR = "adapter"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# Linear layers of a GLM-4 decoder layer that LoRA may target (attention and MLP).
-KNOWN_TARGETS = DEFAULT_TARGETS + ("gate_up_proj", "down_proj")
+# Linear layers of a GLM-4 decoder layer that LoRA may target: attention, the dense MLP of glm4v
+# (gate_up_proj, down_proj) and of glm4v_moe (gate_proj, up_proj, down_proj, in its dense layers
+# and shared experts). The routed experts of glm4v_moe are fused 3-D parameters, not Linear
+# layers: LoRA never touches them (``lora_targets_in``).
+KNOWN_TARGETS = DEFAULT_TARGETS + ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 
 FP16_REFUSAL = (
@@ -176,14 +179,57 @@ def _target_regex(targets: Sequence[str], layers: Sequence[int] | None) -> str:
     # name list would also hit the vision tower, whose blocks have their own down_proj/gate_proj.
     idx = r"\d+" if layers is None else "(?:" + "|".join(str(i) for i in layers) + ")"
     names = "|".join(re.escape(t) for t in targets)
-    return rf".*language_model\.layers\.{idx}\.(?:self_attn|mlp)\.(?:{names})"
+    return rf".*language_model\.layers\.{idx}\.(?:self_attn|mlp|mlp\.shared_experts)\.(?:{names})"
 
 
-def lora_config(params: LoraParams, layers: Sequence[int] | None = None):
+def lora_targets_in(model, targets: Sequence[str], layers: Sequence[int] | None = None) -> list[str]:
+    """Full names of the language model's Linear layers that ``targets`` select. Refuses a target
+    this model has no Linear layer for (glm4v has gate_up_proj, glm4v_moe gate_proj/up_proj), so
+    LoRA never lands on a fused expert tensor or silently on nothing."""
+    import torch
+
+    pattern = re.compile(_target_regex(targets, layers))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and pattern.fullmatch(n)]
+    have = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and re.fullmatch(_target_regex(KNOWN_TARGETS, layers), n)}
+    missing = [t for t in targets if t not in {n.rsplit(".", 1)[-1] for n in names}]
+    if missing:
+        raise ValueError(f"--lora-targets {','.join(missing)}: this model's language model has no such "
+                         f"Linear layer; it has {','.join(t for t in KNOWN_TARGETS if t in have)}")
+    return names
+
+
+def lora_config(params: LoraParams, layers: Sequence[int] | None = None, model=None):
     from peft import LoraConfig
 
+    targets = (lora_targets_in(model, params.lora_targets, layers) if model is not None
+               else _target_regex(params.lora_targets, layers))
     return LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-                      target_modules=_target_regex(params.lora_targets, layers), bias="none")
+                      target_modules=targets, bias="none")
+
+
+@contextlib.contextmanager
+def _v5_native(model):
+    """peft remaps LoRA targets of MoE models from the transformers-v4 layout to the v5 one, so
+    ``gate_proj``/``up_proj``/``down_proj`` of glm4v_moe would be moved onto the fused expert tensors
+    (``mlp.experts.gate_up_proj``), where LoRA dropout is unsupported. rainclf's adapters are made
+    under v5 and name exact Linear layers (dense MLPs, shared experts): the remap is switched off
+    while they are attached or loaded, for MoE models only."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not hasattr(text, "n_routed_experts"):
+        yield
+        return
+    try:
+        import peft.utils.transformers_weight_conversion as conv
+    except ImportError:
+        yield
+        return
+    original = conv.convert_peft_config_for_transformers
+    conv.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conv.convert_peft_config_for_transformers = original
 
 
 def _cast_base(model, precision: str, device: str) -> None:
@@ -205,7 +251,8 @@ def attach_lora(backbone, params: LoraParams, layers: Sequence[int] | None = Non
     with warnings.catch_warnings():
         # transformers 5.x deprecation warning raised inside peft; nothing for a user to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, lora_config(params, layers))
+        with _v5_native(model):
+            peft_model = get_peft_model(model, lora_config(params, layers, model))
     peft_model.peft_config["default"].base_model_name_or_path = backbone.name  # not a local path
     # new LoRA dropout modules start in train mode even in an eval model: inference must be
     # deterministic until a training loop asks for train mode
@@ -228,7 +275,8 @@ def load_adapter(backbone, adapter_dir: Path):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         try:
-            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+            with _v5_native(model):
+                peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:   # peft's own wording
             raise ModelDirError(f"{adapter_dir}: the adapter cannot be loaded ({' '.join(str(e).split())[:160]}) "
                                 "— the model directory is damaged: restore it or refit") from None

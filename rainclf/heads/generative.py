@@ -1,10 +1,11 @@
 """The generative LoRA baseline (the seeds' recipe), kept honest, and its three decodings.
 
 Training (``fit_generative``, listed in ``heads.HEADS``): each example is a chat
-``[gMASK]<sop><|user|>\\n<image>question<|assistant|>\\n…`` followed by the label and EOS; the loss
-is cross-entropy on the answer tokens only (every prompt and padding position is -100), with
-LoRA on the language model (same defaults as the LoRA head). Every ``eval_every`` steps the
-validation part gives loss, greedy accuracy and format-valid rate; the kept checkpoint is chosen
+``[gMASK]<sop><|user|>\\n<image>question<|assistant|>\\n…`` followed by the label and the
+checkpoint's terminator (``heads/answer_tokens.py``: ``<|user|>`` for released GLM templates,
+which write no EOS after an answer); the loss is cross-entropy on the answer tokens only
+(every prompt and padding position is -100), with LoRA on the language model (same defaults as
+the LoRA head). Every ``eval_every`` steps the validation part gives loss, greedy accuracy and format-valid rate; the kept checkpoint is chosen
 by (accuracy, format-valid rate) — never by loss, which keeps falling while answers turn into
 descriptions. The last checkpoint is saved as well, for the comparison:
 
@@ -15,9 +16,9 @@ descriptions. The last checkpoint is saved as well, for the comparison:
 Decoding (``RunOptions.decoding``):
     greedy       argmax tokens; ``raw`` keeps the text; label only if the text *is* a label
     sample       temperature / top_p; reproducible: an image is sampled with seed (seed, its pixels)
-    constrained  log p(label tokens + EOS | prompt) summed for each of the two labels; the larger
-                 wins and p_rain = softmax of the two sums. EOS is included because it is what
-                 training taught to follow a label: the score is "the answer is exactly this
+    constrained  log p(label tokens + terminator | prompt) summed for each of the two labels; the
+                 larger wins and p_rain = softmax of the two sums. The terminator is included
+                 because it is what the checkpoint emits after an answer: the score is "the answer is exactly this
                  label", not "the answer starts with it". It can only emit the two labels.
 """
 
@@ -28,7 +29,6 @@ from typing import Sequence
 
 import numpy as np
 
-from rainclf.backbones.base import BackboneError
 from rainclf.config import FitOptions, RunOptions
 from rainclf.heads.adapters import (
     ADAPTER_DIR,
@@ -40,6 +40,7 @@ from rainclf.heads.adapters import (
     load_adapter,
     save_adapter,
 )
+from rainclf.heads.answer_tokens import label_token_ids
 from rainclf.heads.base import ClassifierBase, Row, label_for, rows_in_batches
 from rainclf.heads.train import (
     outcome_metrics,
@@ -69,7 +70,7 @@ def image_key(image) -> int:
 
 def answer_labels(input_ids, attention_mask, prompt_len: int):
     """Targets for answer-only loss: a copy of ``input_ids`` with -100 on padding and on the first
-    ``prompt_len`` real tokens of each row (left or right padding alike); answer + EOS keep ids."""
+    ``prompt_len`` real tokens of each row (left or right padding alike); answer + terminator keep ids."""
     rank = attention_mask.cumsum(dim=1)            # 1-based position among the row's real tokens
     labels = input_ids.clone()
     labels[(attention_mask == 0) | (rank <= prompt_len)] = IGNORE
@@ -84,6 +85,8 @@ class GenerativeModel:
         self.tokenizer = backbone.load()[1].tokenizer
         eos = self.peft_model.get_base_model().generation_config.eos_token_id
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        # every id generation stops at: generation config, config.json (both levels), tokenizer EOS
+        eos = eos + list(getattr(backbone, "stop_ids", []))
         self.eos_ids = sorted({int(e) for e in eos + [self.tokenizer.eos_token_id] if e is not None})
         self._prompt_len: int | None = None
         self.answer_ids: dict[str, list[int]] = {}
@@ -107,15 +110,8 @@ class GenerativeModel:
         return self._prompt_len
 
     def check_tokenisation(self) -> dict:
-        """Each label's answer token ids (label + EOS); refuses a tokenizer that merges prompt and
-        answer tokens across the boundary (the mask would then cut a token in half)."""
-        prompt = self.backbone.chat_inputs([self._blank()], self.prompt)["input_ids"][0].tolist()
-        for label in LABELS:
-            ids = self.backbone.chat_inputs([self._blank()], self.prompt, answers=[label])["input_ids"][0].tolist()
-            if ids[:len(prompt)] != prompt or ids[-1] not in self.eos_ids:
-                raise BackboneError(f"the tokenizer does not keep the prompt's tokens when {label!r} + EOS "
-                                    "is appended: answer-only masking would be wrong for this model")
-            self.answer_ids[label] = ids[len(prompt):]
+        """Each label's answer token ids (label + the checkpoint's terminator, heads/answer_tokens)."""
+        self.answer_ids = label_token_ids(self.backbone, self.prompt, self._blank(), self.eos_ids)
         return self.answer_ids
 
     def named_trainable(self) -> list:
@@ -145,7 +141,7 @@ class GenerativeModel:
         return -total.sum() / count.sum()
 
     def label_logprobs(self, images) -> np.ndarray:
-        """(N, 2) float64: log p(label + EOS | image, prompt) for LABELS (不会下雨, 会下雨)."""
+        """(N, 2) float64: log p(label + terminator | image, prompt) for LABELS (不会下雨, 会下雨)."""
         import torch
 
         twice = [im for im in images for _ in LABELS]
@@ -162,7 +158,7 @@ class GenerativeModel:
     # ------------------------------------------------------------------ generation
     def generate(self, images, decoding: str = "greedy", max_new_tokens: int = 16, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, first_index: int = 0) -> list[str]:
-        """Raw answers (text up to the first EOS, special tokens such as <think> kept)."""
+        """Raw answers (text up to the first stop id, special tokens such as <think> kept)."""
         import torch
         from transformers import GenerationConfig
 

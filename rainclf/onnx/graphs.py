@@ -74,12 +74,14 @@ class Prefill(torch.nn.Module):
     """The ``answer`` feature: the fixed chat prompt with the image's tokens spliced in, run through
     the first ``k`` decoder layers (final norm when k is the last) → hidden state at the last position."""
 
-    def __init__(self, tokens: VisionTokens, lm, prefix, suffix, mask, cos, sin, k: int):
+    def __init__(self, tokens: VisionTokens, lm, prefix, suffix, mask, cos, sin, k: int, position_ids=None):
         super().__init__()
         self.tokens, self.layers = tokens, torch.nn.ModuleList(list(lm.layers)[:k])
         self.norm = lm.norm if k == len(lm.layers) else None
         for name, t in dict(prefix=prefix, suffix=suffix, mask=mask, cos=cos, sin=sin).items():
             self.register_buffer(name, t.detach().clone())   # batch 1: broadcast over the batch
+        # glm4v_moe's decoder layers take the (fixed) position ids too: a constant like cos/sin
+        self.register_buffer("position_ids", None if position_ids is None else position_ids.detach().clone())
 
     def forward(self, pixel_values):
         img = self.tokens(pixel_values)
@@ -88,7 +90,7 @@ class Prefill(torch.nn.Module):
                        self.suffix.expand(b, -1, -1)], dim=1)
         for layer in self.layers:
             x = layer(x, position_embeddings=(self.cos, self.sin), attention_mask=self.mask,
-                      position_ids=None, cache=None, use_cache=False)
+                      position_ids=self.position_ids, cache=None, use_cache=False)
             x = x[0] if isinstance(x, tuple) else x
         return (self.norm(x) if self.norm is not None else x)[:, -1, :]
 
@@ -133,6 +135,10 @@ def _capture(model, inputs: dict, answer: bool) -> dict:
 def assemble(config: ModelConfig, backbone, model, head: HeadArrays, images, prompt: str):
     """(ImageGraph, InputSpec, prompt token ids or None) from a loaded GLM-4V model."""
     model.set_attn_implementation("eager")   # sdpa with GQA has no legacy ONNX conversion
+    if hasattr(model.config.get_text_config(), "n_routed_experts"):
+        # glm4v_moe: the eager experts loop over the experts *this* input hits, which a trace would
+        # bake in; batched_mm gathers each token's experts by index, the same graph for any image
+        model.set_experts_implementation("batched_mm")
     spec = spec_from_processor(backbone.load()[1].image_processor, backbone.image_size)
     answer = config.feature == "answer"
     inputs = backbone.chat_inputs(images[:1], prompt) if answer else backbone.vision_inputs(images[:1])
@@ -147,13 +153,13 @@ def assemble(config: ModelConfig, backbone, model, head: HeadArrays, images, pro
         raise ExportFailure(f"the chat prompt holds {n_img} image tokens, not one run of "
                             f"{spec.patches_per_image // spec.merge_size ** 2}")
     h0, kw = cap["text"]
-    extra = [k for k, v in kw.items() if torch.is_tensor(v) and k != "attention_mask"]
+    extra = [k for k, v in kw.items() if torch.is_tensor(v) and k not in ("attention_mask", "position_ids")]
     if extra or kw.get("attention_mask") is None:
         raise ExportFailure(f"the decoder layers take tensors this export does not handle: {extra}, "
                             f"attention_mask {'missing' if kw.get('attention_mask') is None else 'present'}")
     k = config.layer % (backbone.num_layers + 1)
     prefill = Prefill(tokens, model.model.language_model, h0[:, :start], h0[:, start + n_img:],
-                      kw["attention_mask"], *kw["position_embeddings"], k)
+                      kw["attention_mask"], *kw["position_embeddings"], k, kw.get("position_ids"))
     return ImageGraph(prefill, HeadGraph(head)), spec, ids.tolist()
 
 
