@@ -32,6 +32,7 @@ from rainclf.backbones.base import (
     directory_fingerprint,
     resolve_device,
 )
+from rainclf.backbones.glm4v_load import covers, embedding_parts, load_model
 
 SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v", "glm4v_moe")
 REMOTE_CODE_MODEL_TYPES = ("chatglm",)  # THUDM/glm-4v-9b: ChatGLM remote code
@@ -144,9 +145,9 @@ class Glm4vBackbone(Backbone):
 
     def load(self):
         """(model, processor), loaded once: bf16 on CUDA, fp32 on CPU, frozen, eval mode."""
-        if self._model is None:
+        if self._model is None or not covers(self):   # covers: the partial load (glm4v_load)
             import torch
-            from transformers import AutoModelForImageTextToText, AutoProcessor
+            from transformers import AutoProcessor
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # rainclf shows its own progress
@@ -166,8 +167,7 @@ class Glm4vBackbone(Backbone):
             kwargs = dict(local_files_only=True, trust_remote_code=False)
             try:
                 processor = AutoProcessor.from_pretrained(self.model_dir, **kwargs)
-                model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype, **placement,
-                                                                    **kwargs)
+                model = load_model(self, dtype, placement, kwargs)   # only what an embed uses
             except (OSError, ValueError) as e:
                 raise BackboneError(f"cannot load GLM-4V from {self.model_dir}: "
                                     f"{str(e).splitlines()[0]}") from None
@@ -263,7 +263,7 @@ class Glm4vBackbone(Backbone):
     def _embed(self, images, feature, layer, prompt):
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), embedding_parts(self, feature, layer):
             if feature == "vision":
                 vec = self.vision_features(self.vision_inputs(images))
             else:
