@@ -269,14 +269,29 @@ def embed(data, out_file, backbone, feature, layer, prompt, image_size, weights,
 @click.option("--triton-name", default="rainclf", show_default=True, help="Model name in the Triton repository.")
 @click.option("--triton-max-batch", default=32, show_default=True, type=click.IntRange(min=1),
               help="Triton max_batch_size (images per dynamic batch).")
-def export_cmd(model_dir, out_dir, include_backbone, opset, triton_dir, triton_name, triton_max_batch):
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="int8 image graph for CPU services (onnxruntime quantization; the head stays fp32).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: an fp16 image graph for GPU services (head, inputs and outputs fp32).")
+@click.option("--calibration", type=click.Path(exists=True),
+              help="Images (a folder) the int8/fp16 graph is calibrated and measured on against torch.")
+@click.option("--min-agreement", default=0.98, show_default=True, type=click.FloatRange(0, 1),
+              help="Refuse (exit 2, nothing written) when int8/fp16 labels agree with torch's on fewer calibration images.")
+def export_cmd(model_dir, out_dir, include_backbone, opset, triton_dir, triton_name, triton_max_batch,
+               quantize=None, precision="fp32", calibration=None, min_agreement=0.98):
     """Export MODEL_DIR's head (and with --include-backbone the whole image → label path) to ONNX,
     for `rainclf predict --engine onnx` and the torch-free rainclf.onnx.runtime."""
     from rainclf.onnx.export import export_onnx
 
     if triton_dir and not include_backbone:
         _fail("--triton needs the image graph (Triton receives pixel tensors): add --include-backbone")
-    info = export_onnx(model_dir, out_dir, include_backbone=include_backbone, opset=opset)
+    info = export_onnx(model_dir, out_dir, include_backbone=include_backbone, opset=opset, quantize=quantize,
+                       precision=precision, calibration=calibration, min_agreement=min_agreement)
+    cal = info["parity"].get("calibration")
+    if cal:
+        click.echo(f"{cal.get('quantize') or cal.get('precision')} image graph: label agreement with torch "
+                   f"{cal['label_agreement']:.1%} on {cal['n_images']} calibration images, max |Δp_rain| "
+                   f"{cal['max_abs_dp']:.3f} (fp32 graph: {cal['fp32_graph']['label_agreement']:.1%})")
     for name, graph in info["graphs"].items():
         parity = info["parity"].get(name, {}).get("max_abs_dp")
         click.echo(f"wrote {Path(info['out_dir']) / graph['file']}: {name} graph, inputs "
