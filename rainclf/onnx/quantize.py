@@ -71,8 +71,11 @@ class _Reader:
     """onnxruntime CalibrationDataReader over pixel batches."""
 
     def __init__(self, px: np.ndarray, rows_per_image: int):
+        # full batches only: the percentile calibrator stacks per-batch outputs, so a shorter last
+        # batch breaks it (fewer images than one batch: one batch of them all)
         step = CALIBRATION_BATCH * rows_per_image
-        self._batches = iter([{"pixel_values": px[i:i + step]} for i in range(0, len(px), step)])
+        n = max(step, len(px) // step * step) if len(px) >= step else len(px)
+        self._batches = iter([{"pixel_values": px[i:i + step]} for i in range(0, n, step)])
 
     def get_next(self):
         return next(self._batches, None)
