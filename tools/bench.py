@@ -3,6 +3,7 @@
     python tools/bench.py [--backbone glm4v-tiny] [--images 32] [--batch-sizes 1,32] [--layer K] [--json F]
     python tools/bench.py --full-size-random [--peak-tflops 989]      # one CUDA GPU
     python tools/bench.py --full-size-random --dry-run                # FLOP estimates only, no GPU
+    python tools/bench.py --full-width --depth K [--batch-sizes 1]    # real widths, CPU, projected
                                       # (--dry-run also prints the bytes each feature reads for the
                                       #  real configs in ../shared/glm4v-real/)
 
@@ -274,6 +275,10 @@ def main(argv=None) -> int:
 
     from rainclf.backbones.base import DEFAULT_PROMPT
 
+    if args.full_width:   # real widths, K layers, projected (tools/bench_full_width.py)
+        from bench_full_width import run_full_width
+
+        return run_full_width(args)
     notes: list[str] = []
     try:
         backbone = build_backbone(args)

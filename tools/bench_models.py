@@ -135,6 +135,10 @@ def add_model_arguments(ap) -> None:
     ap.add_argument("--dry-run", action="store_true", help="with --full-size-random: FLOP estimates only (no GPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU")
+    ap.add_argument("--full-width", action="store_true",
+                    help="real GLM-4.1V widths, --depth layers per tower, CPU; projected to full depth "
+                         "(tools/bench_full_width.py)")
+    ap.add_argument("--depth", type=int, default=1, help="with --full-width: layers per tower actually built")
 
 
 class NeedsGpu(RuntimeError):
