@@ -8,7 +8,7 @@
 # Writes: bench_full_size.json    vision head, answer head, half depth, LoRA head, greedy,
 #                                 constrained; batch 1 and 32; p50 latency, img/s, MFU
 #         bench_constrained.json  two-pass vs one-prefill constrained scoring, batch 32
-#         bench_onnx_gpu.json     onnxruntime-gpu (CUDA EP) vs torch, fp16 graph vs bf16/fp16 torch
+#         bench_onnx_gpu.json     onnxruntime-gpu (CUDA EP) vs torch bf16 and fp32 (fp32 graph: equal precision)
 #         pytest_gpu.txt          pytest -m gpu
 #         summary.json            exit status of every step
 # STATUS (issue 15): UNRUN — no CUDA machine was lent to this task; nothing here has been
@@ -33,7 +33,7 @@ step full_size 240 "$PY" tools/bench.py --full-size-random --batch-sizes 1,32 --
     --skip onnx --json "$OUT/bench_full_size.json"
 step constrained 90 "$PY" tools/bench_constrained.py --full-size-random --batch 32 --calls 3 \
     --json "$OUT/bench_constrained.json"
-step onnx_gpu 90 "$PY" tools/bench_onnx.py --json "$OUT/bench_onnx_gpu.json"
+step onnx_gpu 90 "$PY" tools/bench_onnx.py --gpu --json "$OUT/bench_onnx_gpu.json"
 step pytest_gpu 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/ > "$OUT/pytest_gpu.txt" 2>&1
 {
     echo "{"
