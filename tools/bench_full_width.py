@@ -154,6 +154,9 @@ def run_full_width(args) -> int:
               f"{'' if fr is None else f'{fr:.2f}':>12}")
     print("note: 'projected' columns are extrapolated from per-layer timings at depth "
           f"{depth}, not measured on a full-depth model; 'FLOP ratio' = greedy FLOPs / path FLOPs (full size)")
+    notes = [n for n in notes if not n.startswith(("frozen paths ran", "generative greedy: max_new_tokens"))]
+    notes += [f"generative greedy: {trained} new tokens (the shorter label + its terminator)",
+              "one model copy: frozen paths timed first, then LoRA attached for the LoRA/generative paths"]
     for n in notes:
         print(f"note: {n}")
     write_json(args.json, "bench.py --full-width", {"depth": depth, "batch_sizes": batch_sizes, "calls": calls,
