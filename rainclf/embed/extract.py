@@ -8,6 +8,7 @@ so a fully cached run neither decodes images nor loads the model.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +55,13 @@ def open_cache(cache_dir, backbone: Backbone, feature: str, layer: int, prompt: 
 def embed_paths(backbone: Backbone, paths: Sequence[str | Path], feature: str = "vision",
                 layer: int = -1, prompt: str = DEFAULT_PROMPT, batch_size: int = 8,
                 cache: EmbeddingCache | None = None, progress: bool = True,
-                desc: str = "embedding", prefetch: int = DEFAULT_DEPTH) -> EmbedResult:
+                desc: str = "embedding", prefetch: int | None = None) -> EmbedResult:
     """Embed every path; errors are collected per file, never raised. ``prefetch``: batches read
-    and decoded ahead in a thread while the model runs (0: serially, as before)."""
+    and decoded ahead in a thread while the model runs (0: serially, as before; None: 2 with 4
+    cores or more, else 0 — on 2 loaded cores the decode thread measured 0.89x, see
+    tools/bench_predict.py)."""
+    if prefetch is None:
+        prefetch = DEFAULT_DEPTH if (os.cpu_count() or 1) >= 4 else 0
     from tqdm.auto import tqdm
 
     backbone.check_feature(feature, layer)
