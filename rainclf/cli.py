@@ -13,13 +13,13 @@ Exit status (all commands; rainclf/errors.py says which exception gets which):
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from rainclf import __version__
 from rainclf.backbones.base import DEFAULT_BACKBONE
-from rainclf.cli_options import FitCommand, apply_options, cache_dir_choice, common_run, given, show_progress
+from rainclf.cli_options import (FitCommand, apply_options, cache_dir_choice, common_run, echo_export, given,
+                                 show_progress)
 from rainclf.data.groups import DEFAULT_THRESHOLD
 
 from rainclf.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NOTHING, EXIT_OUTPUT  # noqa: F401
@@ -288,29 +288,31 @@ def embed(data, out_file, backbone, feature, layer, prompt, image_size, weights,
 @click.option("--triton-name", default="rainclf", show_default=True, help="Model name in the Triton repository.")
 @click.option("--triton-max-batch", default=32, show_default=True, type=click.IntRange(min=1),
               help="Triton max_batch_size (images per dynamic batch).")
-def export_cmd(model_dir, out_dir, include_backbone, opset, triton_dir, triton_name, triton_max_batch):
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="int8 image graph for CPU services (onnxruntime quantization; the head stays fp32).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: an fp16 image graph for GPU services (head, inputs and outputs fp32).")
+@click.option("--calibration", type=click.Path(exists=True),
+              help="Images (a folder) the int8/fp16 graph is calibrated and measured on against torch.")
+@click.option("--min-agreement", default=0.98, show_default=True, type=click.FloatRange(0, 1),
+              help="Refuse (exit 2, nothing written) when int8/fp16 labels agree with torch's on fewer calibration images.")
+def export_cmd(model_dir, out_dir, include_backbone, opset, triton_dir, triton_name, triton_max_batch,
+               quantize=None, precision="fp32", calibration=None, min_agreement=0.98):
     """Export MODEL_DIR's head (and with --include-backbone the whole image → label path) to ONNX,
     for `rainclf predict --engine onnx` and the torch-free rainclf.onnx.runtime."""
     from rainclf.onnx.export import export_onnx
 
     if triton_dir and not include_backbone:
         _fail("--triton needs the image graph (Triton receives pixel tensors): add --include-backbone")
-    info = export_onnx(model_dir, out_dir, include_backbone=include_backbone, opset=opset)
-    for name, graph in info["graphs"].items():
-        parity = info["parity"].get(name, {}).get("max_abs_dp")
-        click.echo(f"wrote {Path(info['out_dir']) / graph['file']}: {name} graph, inputs "
-                   f"{', '.join(graph['inputs'])}, batch {graph['batch']}"
-                   + (f", max |Δp_rain| vs torch {parity:.1e}" if parity is not None else ""))
-    for name, reason in info["not_exported"].items():
-        click.echo(f"rainclf: warning: {name} graph not exported: {reason}", err=True)
+    info = export_onnx(model_dir, out_dir, include_backbone=include_backbone, opset=opset, quantize=quantize,
+                       precision=precision, calibration=calibration, min_agreement=min_agreement)
+    echo_export(info)
     if include_backbone and "image" not in info["graphs"]:   # asked for, not delivered: not a success
         _fail(f"--include-backbone: the image graph was not exported ({info['not_exported'].get('image')}); "
               f"only the head graph is in {info['out_dir']}", code=1)
     if triton_dir:
         from rainclf.onnx.triton import write_triton_repository
 
-        if "image" not in info["graphs"]:
-            _fail(f"--triton: no image graph to serve ({info['not_exported'].get('image', 'not exported')})")
         triton = write_triton_repository(info["out_dir"], triton_dir, triton_name, triton_max_batch)
         click.echo(f"wrote {triton['model_dir']}: Triton model ({', '.join(triton['files'])})")
 

@@ -3,6 +3,8 @@ titled sections. No command lives here (they are in rainclf/cli.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
@@ -98,3 +100,20 @@ def expand_user_paths(cmd):
             p.type = copy.copy(p.type)
             p.type.__class__ = UserPath
     return cmd
+
+
+def echo_export(info: dict) -> None:
+    """What ``rainclf export`` wrote: each graph with its parity against torch, the int8/fp16
+    calibration figures, and a warning for each graph not exported."""
+    cal = info["parity"].get("calibration")
+    if cal:
+        click.echo(f"{cal.get('quantize') or cal.get('precision')} image graph: label agreement with torch "
+                   f"{cal['label_agreement']:.1%} on {cal['n_images']} calibration images, max |Δp_rain| "
+                   f"{cal['max_abs_dp']:.3f} (fp32 graph: {cal['fp32_graph']['label_agreement']:.1%})")
+    for name, graph in info["graphs"].items():
+        parity = info["parity"].get(name, {}).get("max_abs_dp")
+        click.echo(f"wrote {Path(info['out_dir']) / graph['file']}: {name} graph, inputs "
+                   f"{', '.join(graph['inputs'])}, batch {graph['batch']}"
+                   + (f", max |Δp_rain| vs torch {parity:.1e}" if parity is not None else ""))
+    for name, reason in info["not_exported"].items():
+        click.echo(f"rainclf: warning: {name} graph not exported: {reason}", err=True)

@@ -123,7 +123,7 @@ def write_common_files(directory: Path, config: ModelConfig, metrics: dict, seen
     (directory / CARD_FILE).write_text(model_card(config, metrics), encoding="utf-8")
 
 
-def _sha256_rows(examples) -> "np.ndarray":
+def _sha256_rows(examples):
     """(N, 32) uint8: the sha256 of each example's file, sorted and unique (unreadable files left out)."""
     import numpy as np
 

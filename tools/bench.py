@@ -3,6 +3,9 @@
     python tools/bench.py [--backbone glm4v-tiny] [--images 32] [--batch-sizes 1,32] [--layer K] [--json F]
     python tools/bench.py --full-size-random [--peak-tflops 989]      # one CUDA GPU
     python tools/bench.py --full-size-random --dry-run                # FLOP estimates only, no GPU
+    python tools/bench.py --full-width --depth K [--batch-sizes 1]    # real widths, CPU, projected
+                                      # (--dry-run also prints the bytes each feature reads for the
+                                      #  real configs in ../shared/glm4v-real/)
 
 Paths: vision-feature head (vision tower → mean of merged tokens → linear); answer-feature head
 (image + question prefill → last hidden state → linear), also stopped at half depth (--layer);
@@ -272,6 +275,10 @@ def main(argv=None) -> int:
 
     from rainclf.backbones.base import DEFAULT_PROMPT
 
+    if args.full_width:   # real widths, K layers, projected (tools/bench_full_width.py)
+        from bench_full_width import run_full_width
+
+        return run_full_width(args)
     notes: list[str] = []
     try:
         backbone = build_backbone(args)
@@ -296,7 +303,11 @@ def main(argv=None) -> int:
                 "image_source": what, "batch_sizes": batch_sizes, "warmup_calls": args.warmup,
                 "layer": half, "max_new_tokens": args.max_new_tokens, "prompt_tokens": prompt_tokens}
     if args.dry_run:
-        write_json(args.json, "bench.py", settings, {"flops_per_image": flops}, notes)
+        from bench_load import print_feature_bytes   # bytes each feature reads, real GLM-4V configs
+
+        feature_bytes: list = []
+        print_feature_bytes(feature_bytes)
+        write_json(args.json, "bench.py", settings, {"flops_per_image": flops, "feature_bytes": feature_bytes}, notes)
         return 0
     dev = backbone.device
     peak, peak_note = peak_flops(dev, args.peak_tflops)

@@ -110,8 +110,10 @@ def flops_per_image(backbone, prompt_tokens: int, layer: int, answer_tokens: int
             "LoRA head": vision + prefill(prompt_tokens, n),
             GREEDY: vision + prefill(prompt_tokens, n) + 2 * vocab + (answer_tokens - 1) * decode,
             GREEDY_FULL: vision + prefill(prompt_tokens, n) + 2 * vocab + (max_new_tokens - 1) * decode,
-            "generative constrained": 2 * (vision + prefill(prompt_tokens + answer_tokens, n)
-                                           + 2 * answer_tokens * vocab),
+            # one prefill (rainclf.heads.constrained), then both labels' answer tokens but the last
+            # through the layers, and lm_head at every scored position of both
+            "generative constrained": (vision + prefill(prompt_tokens, n) + 2 * (answer_tokens - 1) * 2 * per_layer * n
+                                       + 2 * answer_tokens * 2 * vocab),
             "ONNX vision head": vision}
 
 
@@ -135,6 +137,10 @@ def add_model_arguments(ap) -> None:
     ap.add_argument("--dry-run", action="store_true", help="with --full-size-random: FLOP estimates only (no GPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU")
+    ap.add_argument("--full-width", action="store_true",
+                    help="real GLM-4.1V widths, --depth layers per tower, CPU; projected to full depth "
+                         "(tools/bench_full_width.py)")
+    ap.add_argument("--depth", type=int, default=1, help="with --full-width: layers per tower actually built")
 
 
 class NeedsGpu(RuntimeError):

@@ -39,6 +39,7 @@ from rainclf.backbones.base import (
 from rainclf.backbones.fingerprint import checkpoint_fingerprint
 from rainclf.backbones.glm4v_chat import EMPTY_THINK, stop_ids, terminator, thinking_decision
 from rainclf.backbones.glm4v_config import check_image_size, normalise, pixel_bounds, read_config
+from rainclf.backbones.glm4v_load import covers, embedding_parts, load_model
 
 SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v", "glm4v_moe")
 REMOTE_CODE_MODEL_TYPES = ("chatglm",)  # THUDM/glm-4v-9b: ChatGLM remote code
@@ -168,9 +169,9 @@ class Glm4vBackbone(Backbone):
 
     def load(self):
         """(model, processor), loaded once: bf16 on CUDA, fp32 on CPU, frozen, eval mode."""
-        if self._model is None:
+        if self._model is None or not covers(self):   # covers: the partial load (glm4v_load)
             import torch
-            from transformers import AutoModelForImageTextToText, AutoProcessor
+            from transformers import AutoProcessor
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # rainclf shows its own progress
@@ -196,9 +197,8 @@ class Glm4vBackbone(Backbone):
                                     "checkpoint's weight files into it, or point --backbone at the full checkpoint")
             try:
                 processor = AutoProcessor.from_pretrained(self.model_dir, **kwargs)
-                model, info = AutoModelForImageTextToText.from_pretrained(
-                    self.model_dir, config=config, dtype=dtype, output_loading_info=True,
-                    ignore_mismatched_sizes=True, **placement, **kwargs)   # mismatches: refused below, in one line
+                # only what an embed uses; mismatches: refused below, in one line
+                model, info = load_model(self, config, dtype, placement, kwargs)
             except (OSError, ValueError, RuntimeError) as e:
                 raise BackboneError(f"cannot load GLM-4V from {self.model_dir}: "
                                     f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
@@ -312,7 +312,7 @@ class Glm4vBackbone(Backbone):
     def _embed(self, images, feature, layer, prompt):
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), embedding_parts(self, feature, layer):
             if feature == "vision":
                 vec = self.vision_features(self.vision_inputs(images))
             else:

@@ -144,10 +144,12 @@ class GenerativeModel:
         """(N, 2) float64: log p(label + terminator | image, prompt) for LABELS (不会下雨, 会下雨)."""
         import torch
 
-        twice = [im for im in images for _ in LABELS]
-        answers = [label for _ in images for label in LABELS]
+        from rainclf.heads.constrained import answers_logprobs
+
+        ids = self.answer_ids or self.check_tokenisation()   # one prefill, both continuations
         with torch.inference_mode(), autocast(self.backbone.device, self.dtype):
-            total, _ = self._answer_logprobs(twice, answers)
+            total = answers_logprobs(self.base.model, self.base.lm_head,
+                                     self.backbone.chat_inputs(images, self.prompt), [ids[lb] for lb in LABELS])
         return total.double().cpu().numpy().reshape(len(images), 2)
 
     def constrained_p_rain(self, images) -> np.ndarray:

@@ -48,6 +48,7 @@ from rainclf.model import (
 from rainclf.onnx.engine import head_sha256
 from rainclf.onnx.format import EXPORT_DIR, METADATA_FILE, OnnxMetadata
 from rainclf.onnx.graphs import ExportFailure, HeadGraph, ImageGraph, assemble, spec_from_processor
+from rainclf.onnx.quantize import DEFAULT_MIN_AGREEMENT, calibrate_export, calibration_images, check_options
 from rainclf.onnx.runtime import preprocess
 
 EXTERNAL_DATA_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2   # protobuf caps a file at 2 GB
@@ -155,11 +156,15 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, include_backbone: bool = False,
-                opset: int = 18) -> dict:
+                opset: int = 18, quantize: str | None = None, precision: str = "fp32",
+                calibration: str | Path | None = None, min_agreement: float = DEFAULT_MIN_AGREEMENT) -> dict:
     """Write the head graph (and with ``include_backbone`` the image graph) plus rainclf_onnx.json
     into ``out_dir`` (default MODEL_DIR/onnx), atomically; returns the metadata as a dict with
-    ``out_dir`` added. An existing export there is replaced."""
+    ``out_dir`` added. An existing export there is replaced. ``quantize``/``precision``: an int8 /
+    fp16 image graph, measured on the ``calibration`` images (rainclf.onnx.quantize)."""
     _onnx()
+    convert = check_options(quantize, precision, include_backbone)
+    calib = calibration_images(calibration) if convert else None
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"--opset {opset}: the TorchScript exporter supports opsets {MIN_OPSET}..{MAX_OPSET}")
     model_dir = Path(model_dir)
@@ -183,6 +188,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, includ
     with atomic_dir(out_dir, overwrite=True) as tmp:
         if built is not None:
             _write_image_graph(tmp, built, meta, opset, config)
+        if convert:   # an AgreementError here leaves no export behind
+            calibrate_export(tmp, meta, model_dir, calib, quantize, precision, min_agreement)
         head_file = "head.onnx" if "image" in meta.graphs else "model.onnx"
         entry = _save_graph(HeadGraph(head), torch.zeros(2, head.dim), tmp / head_file, "embeddings",
                             ["logits", "p_rain"], opset, config)

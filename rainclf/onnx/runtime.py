@@ -29,7 +29,6 @@ from PIL import Image
 from rainclf.data.images import ImageError, decode_image, read_bytes, to_rgb
 from rainclf.labels import LABELS
 from rainclf.onnx.format import (
-    INSTALL_HINT,
     METADATA_FILE,
     InputSpec,
     OnnxExportError,
