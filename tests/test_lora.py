@@ -147,6 +147,50 @@ def test_unreadable_file_becomes_error_row(fitted, red_blue, tmp_path):
     assert rows[0].label in LABELS and rows[2].label in LABELS
 
 
+@pytest.mark.parametrize("damage", ["truncated weights", "garbage config", "other rank", "no config",
+                                    "nan weights"])
+def test_damaged_adapter_is_one_line_exit_2(fitted, red_blue, tmp_path, damage):
+    """A damaged adapter/ (the peft files, not the score) stops predict with one line naming the
+    adapter and the fix; no traceback, no output written."""
+    import shutil
+
+    from click.testing import CliRunner
+    from safetensors.numpy import load_file, save_file
+
+    from rainclf.cli import main
+
+    model = tmp_path / "m"
+    shutil.copytree(fitted.model_dir, model)
+    adapter = model / "adapter"
+    weights, config = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage config":
+        config.write_text("{ this is not json", encoding="utf-8")
+    elif damage == "other rank":   # shapes no longer match the saved tensors
+        c = json.loads(config.read_text(encoding="utf-8"))
+        c["r"] = c["r"] * 2
+        config.write_text(json.dumps(c), encoding="utf-8")
+    elif damage == "no config":
+        config.unlink()
+    else:
+        t = load_file(str(weights))
+        k = next(iter(t))
+        t[k] = np.full_like(t[k], np.nan)
+        save_file(t, str(weights))
+    out = tmp_path / "p.csv"
+    good, _ = all_paths(red_blue)
+    result = CliRunner().invoke(main, ["predict", str(good[0]), "--model", str(model), "-o", str(out),
+                                       "--device", "cpu", "--no-cache", "-q"])
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.output.splitlines() if line.startswith("rainclf: error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    assert str(adapter) in lines[0] or str(weights) in lines[0] or str(config) in lines[0], lines[0]
+    assert "refit" in lines[0] or "restore" in lines[0] or "re-download" in lines[0], lines[0]
+    assert not out.exists()
+
+
 def test_fit_skips_unreadable_training_images(tmp_path):
     data = make_red_blue(tmp_path / "data", n_per_class=4)
     (data / RAIN / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")

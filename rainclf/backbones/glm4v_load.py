@@ -137,6 +137,14 @@ def checkpoint_map(model_dir: Path) -> dict[str, Path]:
     return out
 
 
+def stored_shapes(where: dict[str, Path]) -> dict[str, list[int]]:
+    """tensor name → shape, from the shard headers only (no tensor data is read)."""
+    shapes = {}
+    for path in sorted(set(where.values())):
+        shapes.update({k: v["shape"] for k, v in _header(path)[0].items()})
+    return shapes
+
+
 def read_tensors(where: dict[str, Path], names, dtype=None, log: list | None = None) -> dict:
     """{name: tensor} for ``names``, read from their shards with ``readinto`` (one copy, no mmap);
     cast to ``dtype`` when given. Appends every name read to ``log``."""
@@ -194,19 +202,19 @@ def load_partial(model_dir: Path, parts: frozenset, dtype, log: list | None = No
     (and not loaded), as ``from_pretrained``'s ``mismatched_keys``."""
     model = empty_model(model_dir, dtype, config)
     where = checkpoint_map(model_dir)
-    wanted = [n for n, _ in model.named_parameters() if in_parts(n, parts)]
     source = {}
-    for n in wanted:
+    for n, _ in model.named_parameters():   # every tensor, loaded or not: the checkpoint must match
         key = n if n in where else next((k for k in _legacy(n) if k in where), None)
         if key is None:
             return None
         source[n] = key
-    tensors = read_tensors(where, list(source.values()), dtype, log)
-    shapes = {n: p.shape for n, p in model.named_parameters()}
-    mismatched = [n for n, k in source.items() if tensors[k].shape != shapes[n]]
+    stored = stored_shapes(where)
+    mismatched = [n for n, p in model.named_parameters() if tuple(stored[source[n]]) != tuple(p.shape)]
     if mismatched:
         model.rainclf_mismatched = mismatched   # glm4v.load refuses it in one line
         return model
+    source = {n: k for n, k in source.items() if in_parts(n, parts)}
+    tensors = read_tensors(where, list(source.values()), dtype, log)
     model.load_state_dict({n: tensors[k] for n, k in source.items()}, strict=False, assign=True)
     _replace_unloaded(model, parts)
     model.rainclf_parts = frozenset(parts)
