@@ -52,6 +52,7 @@ from rainclf.config import DEFAULT_CACHE, RunOptions
 from rainclf.data.datasets import load_dataset
 from rainclf.data.images import describe_path
 from rainclf.io import atomic_dir, check_target, log
+from rainclf.heads import head_classifier
 from rainclf.labels import LABELS
 from rainclf.model import read_config
 from rainclf.report.scoring import file_sha256, model_metrics, rule_lines, seen_images
@@ -79,28 +80,30 @@ def _safe(text: str) -> str:
 
 def plan_models(model_dirs: Sequence, fallback=None, decodings: Sequence[str] | None = None,
                 fallback_decoding: str = "constrained") -> list[ModelSpec]:
-    """The report's columns: every model directory (a generative one once per decoding), then
-    every non-generative one combined with ``fallback``. Reads config.json only (fails fast)."""
+    """The report's columns: every model directory (a head that can be asked several ways, i.e.
+    the generative one, once per decoding), then every model that has no decodings combined with
+    ``fallback``. Reads config.json only (fails fast); the head's class says what it can do."""
     decodings = list(decodings or ["greedy"])
     specs: list[ModelSpec] = []
-    bases: list[tuple[Path, str, str]] = []
+    bases: list[tuple[Path, str, str, tuple]] = []
     for d in model_dirs:
         d = Path(d)
         head = read_config(d).head
+        ways = head_classifier(head).decodings
         base = _safe(d.name)
-        if any(b == base for _, b, _ in bases):
+        if any(b == base for _, b, _, _ in bases):
             base = f"{base}_{len(bases) + 1}"
-        bases.append((d, base, head))
-        if head == "generative":
+        bases.append((d, base, head, ways))
+        if ways:
             specs += [ModelSpec(f"{base}-{dec}", d, head, dec) for dec in decodings]
         else:
             specs.append(ModelSpec(base, d, head))
     if fallback is not None:
         fb = Path(fallback)
-        if read_config(fb).head != "generative":
+        if not head_classifier(read_config(fb).head).decodings:
             raise ValueError(f"--fallback {fb}: not a generative model directory (fit one with --head generative)")
-        for d, base, head in bases:
-            if head != "generative":
+        for d, base, head, ways in bases:
+            if not ways:
                 specs.append(ModelSpec(f"{base}+{_safe(fb.name)}-{fallback_decoding}", d,
                                        f"{head}+fallback", fallback_decoding, fb))
     names = [s.name for s in specs]
