@@ -116,6 +116,16 @@ def _onnx():
     return onnx
 
 
+def _drop_trailing_empty_inputs(model) -> None:
+    """Omit optional inputs the exporter wrote as empty names at the end of a node's inputs (the
+    same graph in ONNX's terms). onnxruntime's Pad → Conv fusion refuses a Pad whose
+    ``constant_value`` input is such an empty name, so without this every constant pad of a timm
+    "SAME" convolution stayed a separate Pad (see onnx/timm_graph.py for what it cost)."""
+    for node in model.graph.node:
+        while node.input and node.input[-1] == "":
+            node.input.pop()
+
+
 def _save_graph(module, example, path: Path, input_name: str, outputs: list[str], opset: int,
                 config: ModelConfig) -> dict:
     """Legacy export to a scratch folder, then one file (+ one .data file past 2 GB), checked."""
@@ -133,6 +143,7 @@ def _save_graph(module, example, path: Path, input_name: str, outputs: list[str]
         model = onnx.load(str(raw / path.name))
     finally:
         shutil.rmtree(raw, ignore_errors=True)
+    _drop_trailing_empty_inputs(model)
     model.producer_name, model.doc_string = "rainclf", f"rainclf {config.head} head, labels {config.labels}"
     external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_LIMIT
     data = path.name + ".data" if external else None
