@@ -18,9 +18,8 @@ backbone's data config, the same dict its torch transform was built from.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import copy
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,15 +56,16 @@ class _StaticPadConv(torch.nn.Module):
 
 def static_same_padding(model: torch.nn.Module, size: int) -> tuple[torch.nn.Module, int]:
     """A copy of ``model`` whose ``Conv2dSame`` layers pad by constants computed for an S × S input
-    (timm's own ``get_same_padding`` on the sizes each layer sees); returns (copy, layers replaced)."""
+    (timm's own ``get_same_padding`` on the sizes each layer sees); returns (copy, layers replaced).
+    A model without such layers is returned as it is, with 0."""
     from timm.layers import Conv2dSame, get_same_padding
 
-    model = copy.deepcopy(model)
+    if not any(isinstance(m, Conv2dSame) for m in model.modules()):
+        return model, 0
+    model = copy.deepcopy(model)        # the backbone keeps its own layers
     seen: dict[str, tuple[int, int]] = {}
     hooks = [m.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, tuple(a[0].shape[-2:])))
              for name, m in model.named_modules() if isinstance(m, Conv2dSame)]
-    if not hooks:
-        return model, 0
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size))
